@@ -1,0 +1,34 @@
+# One-command set-up: every target creates .venv (mxnet, gluoncv, Horovod with Gloo) when missing.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+HOROVOD_ENV := HOROVOD_WITH_MXNET=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 \
+               HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_PYTORCH=1 MAKEFLAGS=-j2
+
+.PHONY: venv test test-slow demo bench clean
+venv: $(VENV)/.ready
+
+$(VENV)/.ready: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip wheel setuptools
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -c "import horovod.mxnet" 2>/dev/null || \
+	  PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(HOROVOD_ENV) \
+	  $(PY) -m pip install --quiet --no-build-isolation --no-cache-dir horovod==0.28.1
+	$(PY) -c "import mxnet, gluoncv, horovod.mxnet; print('venv ready: mxnet', mxnet.__version__)"
+	touch $@
+
+test: venv
+	$(PY) -m pytest -q tests
+
+test-slow: venv
+	$(PY) -m pytest -q -m slow tests
+
+demo: venv
+	$(PY) scripts/demo.py
+
+bench: venv
+	$(PY) scripts/bench_norm.py --json results/bench_norm.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,91 @@
+"""Progressive Batch Normalization (see docs/pbn-spec in the README).
+
+On device k at step t, per channel, with local moments (m, v) of the current batch and global
+moments (M, V) of the PREVIOUS step over the device's group (count-weighted, exchanged
+asynchronously by StatsSync):
+
+    mu  = w m + (1 - w) M
+    var = w v + (1 - w) V + w (1 - w) (m - M)^2      (= w E[x^2] + (1-w) Q - mu^2, never < 0)
+    y   = gamma (x - mu) / sqrt(var + eps) + beta
+
+Gradients flow through m and v only; M, V and w are inputs of the graph. w = 1 gives plain
+BatchNorm, forward and backward.
+"""
+from .batch_stats import BatchStatsNorm, moments_to_sums, sums_to_moments
+from .schedules import local_weight_schedule, group_size_schedule
+
+__all__ = ['ProgressiveBatchNorm']
+
+
+class ProgressiveBatchNorm(BatchStatsNorm):
+    """Progressive Batch Normalization: a drop-in replacement for mxnet.gluon.nn.BatchNorm.
+
+    Parameters
+    ----------
+    local_weight : float, 'linear', 'cosine' or pbn_gluon.schedules.Schedule, default None
+        Weight w_t of the current device's own moments. None is ``Linear()``: 1 at step 0, then
+        linearly to 1/G over 1000 steps. 1.0 is plain per-device BatchNorm.
+    group_size : int, {step: int} or Schedule, default None
+        Number of consecutive devices (by rank) whose moments are pooled. None: all devices.
+        Must divide the device count.
+    **kwargs
+        Every argument of mxnet.gluon.nn.BatchNorm (axis, momentum, epsilon, center, scale,
+        use_global_stats, the four initializers, in_channels, prefix, params).
+
+    Use it with ``pbn_gluon.StatsSync(net, comm)`` and call ``sync.step()`` once per training
+    iteration: that exchanges the moments (one fused non-blocking exchange for all layers) and
+    updates the running statistics from the global moments. Without any StatsSync the layer is
+    plain per-device BatchNorm in training, whose running statistics are never updated.
+    """
+
+    _state_params = BatchStatsNorm._state_params + ('global_sums', 'local_weight')
+
+    def __init__(self, local_weight=None, group_size=None, **kwargs):
+        super().__init__(**kwargs)
+        self.local_weight_schedule = local_weight_schedule(local_weight)
+        self.group_size_schedule = group_size_schedule(group_size)
+        in_channels = kwargs.get('in_channels', 0)
+        self.global_sums = self._state_param('global_sums', (3, in_channels))
+        self.local_weight = self._state_param('local_weight', (1,), init='ones')
+
+    def group_size_at(self, step, num_devices):
+        """G_t: the group size at `step` for a job of `num_devices` devices."""
+        if self.group_size_schedule is None:
+            return num_devices
+        size = int(self.group_size_schedule(step))
+        if size < 1 or num_devices % size:
+            raise ValueError('%s: group size %d at step %d does not divide the %d devices'
+                             % (self.name, size, step, num_devices))
+        return size
+
+    def local_weight_at(self, step, group_size):
+        """w_t for `step` with the group size G at that step."""
+        w = float(self.local_weight_schedule(step, group_size))
+        if not 0.0 <= w <= 1.0:
+            raise ValueError('%s: local weight %r at step %d is outside [0, 1]'
+                             % (self.name, w, step))
+        return w
+
+    def check_devices(self, num_devices):
+        """Fail early when a known group size does not divide the device count."""
+        schedule = self.group_size_schedule
+        for size in (schedule.values() or []) if schedule is not None else []:
+            if int(size) < 1 or num_devices % int(size):
+                raise ValueError('%s: group size %r does not divide the %d devices of the job'
+                                 % (self.name, size, num_devices))
+
+    def _train_moments(self, F, mean, var, count, global_sums, local_weight):
+        sums = moments_to_sums(F, mean, var, count)
+        # elemwise_add ties global_sums' shape to the local sums for deferred shape inference
+        g_mean, g_var = sums_to_moments(F, F.elemwise_add(global_sums, F.zeros_like(sums)))
+        w = local_weight
+        rest = 1.0 - w
+        diff = mean - g_mean
+        mu = mean - F.broadcast_mul(rest, diff)
+        sigma2 = F.broadcast_mul(w, var) + F.broadcast_mul(
+            rest, g_var + F.broadcast_mul(w, F.square(diff)))
+        return mu, sigma2, sums
+
+    def __repr__(self):
+        return '%s, local_weight=%r, group_size=%r)' % (
+            super().__repr__()[:-1], self.local_weight_schedule, self.group_size_schedule)
