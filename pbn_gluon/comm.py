@@ -11,14 +11,17 @@ inside an engine operator.
 """
 import collections
 import os
+import sys
 import threading
 
 import mxnet as mx
 from mxnet import ndarray as nd
 
+from . import engine
+
 __all__ = ['Comm', 'LocalComm', 'KVStoreComm', 'HorovodComm']
 
-#: seconds a device waits for the other devices of its process at a SyncBatchNorm layer
+#: seconds the devices of a process have to meet at a SyncBatchNorm layer before it fails
 RENDEZVOUS_TIMEOUT = float(os.environ.get('PBN_GLUON_TIMEOUT', '300'))
 
 
@@ -31,7 +34,7 @@ class Comm:
     rank_offset = 0
 
     def __init__(self):
-        self._rendezvous = None
+        self._meeting = None
 
     @property
     def ranks(self):
@@ -46,67 +49,78 @@ class Comm:
         """Returns, for each local device, a (size, K) array whose row r is rank r's array."""
         raise NotImplementedError
 
-    def allreduce_device(self, array, tag):
-        """The job-wide sum of one device's `array`, on that device.
+    def allreduce_device(self, array, out, tag, device):
+        """Write the job-wide sum of local `device`'s `array` into `out`.
 
-        Called once per local device (from MXNet's custom-operator threads, one per device):
-        the local contributions meet in a Python-level rendezvous, the last one to arrive
-        pushes the reduction, and each caller gets its device's result. Only Python threads
-        wait here, and only for the other devices to *push* their contribution."""
+        Called once per local device, from MXNet's custom-operator thread, in any order. No
+        one waits: a device that arrives before the others reserves `out` (engine.reserve),
+        the last one pushes the reduction and fills every reserved output (engine.fulfil)."""
         if len(self.contexts) == 1:
-            out = array.copy()
+            array.copyto(out)
             self.allreduce_([out], tag)
-            return out
-        if self._rendezvous is None:
-            self._rendezvous = Rendezvous(len(self.contexts), RENDEZVOUS_TIMEOUT)
-        index = self.contexts.index(array.context)
+            return
+        if self._meeting is None:
+            self._meeting = Meeting(self, RENDEZVOUS_TIMEOUT)
+        self._meeting.arrive(tag, self.contexts.index(device), array, out)
 
-        def reduce(arrays):
-            outs = [a.copy() for a in arrays]
-            self.allreduce_(outs, tag)
-            return outs
-        return self._rendezvous.meet(tag, index, array, reduce)
+    def check(self):
+        """Raise the error of an exchange that failed since the last check (e.g. a timeout)."""
+        if self._meeting is not None and self._meeting.failure is not None:
+            failure, self._meeting.failure = self._meeting.failure, None
+            raise failure
 
     def __repr__(self):
         return '%s(size=%d, contexts=%s)' % (type(self).__name__, self.size, list(self.contexts))
 
 
-class Rendezvous:
-    """Collects one array per local device for a tag; hands each caller its reduced array."""
+class Meeting:
+    """Where the local devices' contributions to a tag meet, round after round."""
 
-    def __init__(self, parties, timeout):
-        self.parties, self.timeout = parties, timeout
-        self._cond = threading.Condition()
+    def __init__(self, comm, timeout):
+        self.comm, self.timeout = comm, timeout
+        self.parties = len(comm.contexts)
+        self.failure = None
+        self._lock = threading.Lock()
         self._rounds = {}
         self._calls = collections.Counter()
 
-    def meet(self, tag, index, array, reduce):
-        with self._cond:
+    def arrive(self, tag, index, array, out):
+        with self._lock:
             round_ = self._calls[tag, index]
             self._calls[tag, index] += 1
+            key = (tag, round_)
             entry = self._rounds.setdefault(
-                (tag, round_), {'arrays': [None] * self.parties, 'result': None, 'left': self.parties})
-            entry['arrays'][index] = array
-            if all(a is not None for a in entry['arrays']):
-                try:
-                    entry['result'] = reduce(entry['arrays'])
-                except Exception as err:  # hand the error to every waiting device
-                    entry['result'] = err
-                self._cond.notify_all()
-            elif not self._cond.wait_for(lambda: entry['result'] is not None, self.timeout):
-                missing = [i for i, a in enumerate(entry['arrays']) if a is None]
-                raise TimeoutError(
-                    'device(s) %s did not reach %s within %.0f s (round %d). Every device of '
-                    'the process must run the forward and backward of each step; do not read '
-                    'values (asnumpy, print) between the devices\' forward calls.'
-                    % (missing, tag, self.timeout, round_))
-            result = entry['result']
-            entry['left'] -= 1
-            if entry['left'] == 0:
-                del self._rounds[tag, round_]
-        if isinstance(result, Exception):
-            raise result
-        return result[index]
+                key, {'copies': [None] * self.parties, 'reserved': {}, 'timer': None})
+            entry['copies'][index] = array.copy()
+            if any(c is None for c in entry['copies']):
+                entry['reserved'][index] = engine.reserve(out)
+                if entry['timer'] is None:
+                    entry['timer'] = threading.Timer(self.timeout, self._expire, (key,))
+                    entry['timer'].daemon = True
+                    entry['timer'].start()
+                return
+            del self._rounds[key]
+        if entry['timer'] is not None:
+            entry['timer'].cancel()
+        copies = entry['copies']
+        self.comm.allreduce_(copies, tag)
+        for j, reservation in entry['reserved'].items():
+            engine.fulfil(reservation, copies[j])
+        copies[index].copyto(out)
+
+    def _expire(self, key):
+        with self._lock:
+            entry = self._rounds.pop(key, None)
+        if entry is None:
+            return
+        missing = [i for i, c in enumerate(entry['copies']) if c is None]
+        self.failure = TimeoutError(
+            'device(s) %s of %s did not reach %s within %.0f s (round %d): every device of the '
+            'process must run the forward and backward of each step'
+            % (missing, self.comm.contexts, key[0], self.timeout, key[1]))
+        sys.stderr.write('pbn_gluon: %s\n' % self.failure)
+        for reservation in entry['reserved'].values():
+            engine.release(reservation)
 
 
 class LocalComm(Comm):

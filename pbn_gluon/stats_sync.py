@@ -103,7 +103,7 @@ class StatsSync:
         pbn_channels = channels[:len(self.pbn)]
         self._check_same_net(channels)
 
-        self.local = [nd.zeros(3 * sum(pbn_channels), ctx=c) for c in ctxs]
+        self.local = [nd.zeros(3 * sum(pbn_channels), ctx=c) for c in ctxs] if self.pbn else []
         self.stats = [nd.zeros(3 * sum(channels), ctx=c) for c in ctxs]
         self.running_mean = [nd.zeros(sum(channels), ctx=c) for c in ctxs]
         self.running_var = [nd.zeros(sum(channels), ctx=c) for c in ctxs]

@@ -9,19 +9,14 @@ The sum over devices is a custom operator whose backward is again a sum over dev
 autograd yields BatchNorm's gradient on the concatenated batch. That costs two blocking
 exchanges per layer and step (forward and backward): the price PBN avoids.
 
-Unlike mxnet.gluon.contrib.nn.SyncBatchNorm, no engine worker waits: the exchange runs in
-MXNet's custom-operator threads and pushes ordinary engine operations, so it works on several
-CPU contexts of one process as well as across processes (Horovod, KVStore dist_sync).
+Unlike mxnet.gluon.contrib.nn.SyncBatchNorm, nothing waits: the custom operator only pushes
+engine operations (the devices of one process meet through pbn_gluon.engine's deferred writes),
+so it works hybridized on several CPU contexts of one process, and across processes (Horovod,
+KVStore dist_sync) on any device.
 """
-import os
+import mxnet as mx
 
-# Several devices each park one custom-op thread at every layer they have reached; the default
-# pool (16) could be exhausted by 8 devices with parallel branches. Read once, at first use.
-os.environ.setdefault('MXNET_CUSTOM_OP_NUM_THREADS', '256')
-
-import mxnet as mx  # noqa: E402  (after the environment variable above)
-
-from .batch_stats import BatchStatsNorm, moments_to_sums, sums_to_moments  # noqa: E402
+from .batch_stats import BatchStatsNorm, moments_to_sums, sums_to_moments
 
 __all__ = ['SyncBatchNorm']
 
@@ -33,25 +28,34 @@ def attach(layer, comm, index):
     _ATTACHED[layer.uid] = (comm, index)
 
 
-def _exchange(uid, direction, array):
+def _exchange(uid, device, direction, array, out, req, op):
+    """op's output `out` (request `req`) := sum over every device of the job of `array`, this
+    device's contribution. (On CPU the operator's arrays all say cpu(0): `device` is the truth.)"""
+    if req == 'null':
+        return
     if uid not in _ATTACHED:
         raise RuntimeError('SyncBatchNorm layer %s has no communicator: create '
                            'pbn_gluon.StatsSync(net, comm) before training' % uid)
     comm, index = _ATTACHED[uid]
-    return comm.allreduce_device(array, 'pbn_gluon.syncbn.%d.%s' % (index, direction))
+    target = out if req in ('write', 'inplace') else mx.nd.empty(out.shape, out.context)
+    comm.allreduce_device(array, target, 'pbn_gluon.syncbn.%d.%s' % (index, direction), device)
+    if target is not out:
+        op.assign(out, req, target)
 
 
 class _DeviceSum(mx.operator.CustomOp):
-    def __init__(self, uid):
+    def __init__(self, uid, device):
         super().__init__()
-        self._uid = uid
+        self._uid, self._device = uid, device
 
     def forward(self, is_train, req, in_data, out_data, aux):
-        value = _exchange(self._uid, 'fwd', in_data[0]) if is_train else in_data[0]
-        self.assign(out_data[0], req[0], value)
+        if is_train:
+            _exchange(self._uid, self._device, 'fwd', in_data[0], out_data[0], req[0], self)
+        else:  # inference uses the running statistics; the sums are not needed
+            self.assign(out_data[0], req[0], in_data[0])
 
     def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
-        self.assign(in_grad[0], req[0], _exchange(self._uid, 'bwd', out_grad[0]))
+        _exchange(self._uid, self._device, 'bwd', out_grad[0], in_grad[0], req[0], self)
 
 
 @mx.operator.register('pbn_gluon_device_sum')
@@ -73,7 +77,7 @@ class _DeviceSumProp(mx.operator.CustomOpProp):
         return [out_grad[0]]
 
     def create_operator(self, ctx, shapes, dtypes):
-        return _DeviceSum(self._uid)
+        return _DeviceSum(self._uid, ctx)
 
 
 class SyncBatchNorm(BatchStatsNorm):
