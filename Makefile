@@ -15,6 +15,7 @@ $(VENV)/.ready: requirements.txt
 	$(PY) -c "import horovod.mxnet" 2>/dev/null || \
 	  PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(HOROVOD_ENV) \
 	  $(PY) -m pip install --quiet --no-build-isolation --no-cache-dir horovod==0.28.1
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(PY) -c "import mxnet, gluoncv, horovod.mxnet; print('venv ready: mxnet', mxnet.__version__)"
 	touch $@
 

@@ -1,0 +1,36 @@
+"""Small nets and data shared by the tests and the multi-process worker."""
+import mxnet as mx
+import numpy as np
+from mxnet import gluon
+
+import pbn_gluon
+
+
+def make_net(norm, channels=4, local_weight=0.5, seed=7):
+    """Conv(3->channels) + a norm layer with fixed, non-trivial gamma and beta."""
+    net = gluon.nn.HybridSequential()
+    layer = {'bn': lambda: gluon.nn.BatchNorm(in_channels=channels),
+             'pbn': lambda: pbn_gluon.ProgressiveBatchNorm(in_channels=channels,
+                                                           local_weight=local_weight),
+             'syncbn': lambda: pbn_gluon.SyncBatchNorm(in_channels=channels)}[norm]()
+    net.add(gluon.nn.Conv2D(channels, 3, padding=1, in_channels=3,
+                            weight_initializer=mx.init.Constant(_conv_weight(channels, seed))),
+            layer)
+    layer.gamma.initialize(mx.init.Constant(mx.nd.array(np.linspace(0.5, 2.0, channels))))
+    layer.beta.initialize(mx.init.Constant(mx.nd.array(np.linspace(-1.0, 1.0, channels))))
+    return net
+
+
+def _conv_weight(channels, seed):
+    return mx.nd.array(np.random.RandomState(seed).normal(0, 0.3, (channels, 3, 3, 3)))
+
+
+def make_batch(step, devices, uneven=True):
+    """A fixed batch for `step` split over `devices`: returns (x, per-device sizes). With
+    uneven, the last device gets one image more than the others (count weighting)."""
+    sizes = [2] * devices
+    if uneven:
+        sizes[-1] += 1
+    rng = np.random.RandomState(100 + step)
+    x = rng.normal(1.0, 2.0, (sum(sizes), 3, 6, 5)).astype(np.float32)
+    return x, sizes
