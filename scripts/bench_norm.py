@@ -1,0 +1,325 @@
+"""Benchmark: training step time of BatchNorm vs ProgressiveBatchNorm vs SyncBatchNorm.
+
+A small conv net (Conv2D 3x3 + norm + ReLU blocks, a Dense head, softmax cross-entropy, SGD)
+is trained for a few steps with each norm layer, on 1..8 CPU contexts of one process ("local"
+backend) and on 2 Horovod/Gloo processes ("horovod" backend). Every configuration runs in its
+own subprocess under a time limit, so a stall shows up as "timeout" in the table.
+
+    python scripts/bench_norm.py --quick                         # ~1 min: devices 1, 2
+    python scripts/bench_norm.py --json results/bench_norm.json  # the full grid
+
+Reported per configuration: the median step time (seconds, each step ends with waitall), its
+ratio to BatchNorm on the same backend and devices, and the exchanges per step taken from
+StatsSync.exchanges_per_step (blocking, non-blocking).
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+NORMS = ('bn', 'pbn', 'syncbn')
+HERE = os.path.abspath(__file__)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description='Step time of BatchNorm, ProgressiveBatchNorm and SyncBatchNorm.')
+    parser.add_argument('--norms', type=str, default=','.join(NORMS),
+                        help='comma-separated norms among bn, pbn, syncbn.')
+    parser.add_argument('--devices', type=str, default='1,2,4,8',
+                        help='comma-separated CPU context counts for the local backend.')
+    parser.add_argument('--backends', type=str, default='local,horovod',
+                        help='comma-separated backends among local, horovod.')
+    parser.add_argument('--hvd-np', type=int, default=2,
+                        help='number of Horovod processes (one device each).')
+    parser.add_argument('--steps', type=int, default=20, help='timed steps per configuration.')
+    parser.add_argument('--warmup', type=int, default=3, help='untimed steps first.')
+    parser.add_argument('--batch-size', type=int, default=2, help='images per device.')
+    parser.add_argument('--image-size', type=int, default=32, help='height and width of images.')
+    parser.add_argument('--channels', type=int, default=16, help='channels of the conv blocks.')
+    parser.add_argument('--blocks', type=int, default=3, help='Conv + norm + ReLU blocks.')
+    parser.add_argument('--classes', type=int, default=10, help='outputs of the Dense head.')
+    parser.add_argument('--timeout', type=float, default=120.,
+                        help='seconds one configuration may take before it counts as timeout.')
+    parser.add_argument('--quick', action='store_true',
+                        help='reduced grid: devices 1 and 2, fewer steps (about a minute).')
+    parser.add_argument('--json', type=str, default=None, help='write the records to this file.')
+    parser.add_argument('--no-progress', action='store_true', help='hide the progress bar.')
+    # internal: one configuration, run by a subprocess of this script
+    parser.add_argument('--worker', choices=['local', 'horovod'], default=None,
+                        help=argparse.SUPPRESS)
+    parser.add_argument('--norm', choices=NORMS, default='bn', help=argparse.SUPPRESS)
+    parser.add_argument('--num-devices', type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument('--result', type=str, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.devices = '1,2'
+        args.steps = min(args.steps, 5)
+        args.warmup = min(args.warmup, 2)
+        args.timeout = min(args.timeout, 60.)
+    args.norms = [n for n in args.norms.split(',') if n]
+    args.devices = [int(d) for d in args.devices.split(',') if d]
+    args.backends = [b for b in args.backends.split(',') if b]
+    for n in args.norms:
+        if n not in NORMS:
+            parser.error('unknown norm %r (choose from %s)' % (n, ', '.join(NORMS)))
+    for b in args.backends:
+        if b not in ('local', 'horovod'):
+            parser.error('unknown backend %r (choose from local, horovod)' % b)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# worker: one configuration, timed in this process
+# ----------------------------------------------------------------------------------------------
+
+def build_net(norm, args):
+    """blocks x (Conv2D 3x3 + norm + ReLU), global average pooling, Dense head."""
+    import pbn_gluon
+    from mxnet.gluon import nn
+
+    layers = {'bn': nn.BatchNorm,
+              'pbn': pbn_gluon.ProgressiveBatchNorm,
+              'syncbn': pbn_gluon.SyncBatchNorm}
+    net = nn.HybridSequential(prefix='bench_')
+    with net.name_scope():
+        in_channels = 3
+        for _ in range(args.blocks):
+            net.add(nn.Conv2D(args.channels, 3, padding=1, use_bias=False,
+                              in_channels=in_channels))
+            net.add(layers[norm](in_channels=args.channels))
+            net.add(nn.Activation('relu'))
+            in_channels = args.channels
+        net.add(nn.GlobalAvgPool2D(), nn.Flatten())
+        net.add(nn.Dense(args.classes, in_units=args.channels))
+    return net
+
+
+def write_json(path, obj):
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def run_worker(args):
+    import mxnet as mx
+    import numpy as np
+    from mxnet import autograd, gluon
+    import pbn_gluon
+
+    mx.random.seed(0)
+    np.random.seed(0)
+    if args.worker == 'horovod':
+        import horovod.mxnet as hvd
+        hvd.init()
+        rank, size = hvd.rank(), hvd.size()
+        ctxs = [mx.cpu()]
+        comm = pbn_gluon.HorovodComm(ctxs[0])
+    else:
+        rank, size = 0, args.num_devices
+        ctxs = [mx.cpu(i) for i in range(args.num_devices)]
+        comm = pbn_gluon.LocalComm(ctxs)
+
+    net = build_net(args.norm, args)
+    net.initialize(mx.init.Xavier(), ctx=ctxs)
+    net.hybridize(static_alloc=True)
+    sync = pbn_gluon.StatsSync(net, comm) if args.norm != 'bn' else None
+    non_blocking, blocking = sync.exchanges_per_step if sync is not None else (0, 0)
+
+    record = {'norm': args.norm, 'backend': args.worker, 'devices': size,
+              'blocking_exchanges_per_step': blocking,
+              'nonblocking_exchanges_per_step': non_blocking,
+              'norm_layers': args.blocks, 'steps': 0, 'warmup': args.warmup,
+              'step_s': None, 'status': 'started'}
+    if rank == 0 and args.result:   # known before timing: kept even if the run stalls
+        write_json(args.result, record)
+
+    optimizer_params = {'learning_rate': 0.01, 'momentum': 0.9}
+    if args.worker == 'horovod':
+        hvd.broadcast_parameters(net.collect_params(), root_rank=0)
+        trainer = hvd.DistributedTrainer(net.collect_params(), 'sgd', optimizer_params)
+    else:
+        trainer = gluon.Trainer(net.collect_params(), 'sgd', optimizer_params)
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+
+    shape = (args.batch_size, 3, args.image_size, args.image_size)
+    data = [mx.nd.array(np.random.normal(size=shape), ctx=c) for c in ctxs]
+    labels = [mx.nd.array(np.random.randint(0, args.classes, args.batch_size), ctx=c)
+              for c in ctxs]
+
+    times = []
+    for i in range(args.warmup + args.steps):
+        tic = time.perf_counter()
+        with autograd.record():
+            losses = [loss_fn(net(x), y) for x, y in zip(data, labels)]
+        autograd.backward(losses)
+        trainer.step(args.batch_size * len(ctxs))
+        if sync is not None:
+            sync.step()
+        mx.nd.waitall()
+        if sync is not None:
+            comm.check()    # raises if a device never reached an exchange
+        times.append(time.perf_counter() - tic)
+    first_step_s, times = times[0], times[args.warmup:]
+    loss = float(sum(l.mean().asscalar() for l in losses) / len(losses))
+    if not np.isfinite(loss):
+        raise RuntimeError('loss is %r' % loss)
+
+    record.update(step_s=float(np.median(times)), step_s_mean=float(np.mean(times)),
+                  step_s_min=float(np.min(times)), step_s_max=float(np.max(times)),
+                  first_step_s=first_step_s, steps=len(times), status='ok', loss=loss)
+    if rank == 0 and args.result:
+        write_json(args.result, record)
+    if args.worker == 'horovod':
+        hvd.shutdown()
+
+
+# ----------------------------------------------------------------------------------------------
+# parent: run every configuration in a subprocess under a time limit
+# ----------------------------------------------------------------------------------------------
+
+def worker_command(args, backend, norm, devices, result):
+    cmd = [sys.executable, HERE, '--worker', backend, '--norm', norm,
+           '--num-devices', str(devices), '--result', result,
+           '--steps', str(args.steps), '--warmup', str(args.warmup),
+           '--batch-size', str(args.batch_size), '--image-size', str(args.image_size),
+           '--channels', str(args.channels), '--blocks', str(args.blocks),
+           '--classes', str(args.classes)]
+    if backend == 'horovod':
+        horovodrun = shutil.which('horovodrun') or os.path.join(
+            os.path.dirname(sys.executable), 'horovodrun')
+        cmd = [horovodrun, '-np', str(devices), '-H', 'localhost:%d' % devices, '--gloo'] + cmd
+    return cmd
+
+
+def run_config(args, backend, norm, devices):
+    """Run one configuration; returns its record (step_s None when it failed or timed out)."""
+    record = {'norm': norm, 'backend': backend, 'devices': devices, 'step_s': None,
+              'blocking_exchanges_per_step': None, 'nonblocking_exchanges_per_step': None,
+              'steps': 0, 'status': 'failed'}
+    fd, result = tempfile.mkstemp(prefix='bench_norm_', suffix='.json')
+    os.close(fd)
+    os.remove(result)
+    env = dict(os.environ, PBN_GLUON_TIMEOUT=str(args.timeout), PYTHONUNBUFFERED='1')
+    # a stalled exchange of the library must not outlive the configuration's time limit
+    env.setdefault('HOROVOD_GLOO_TIMEOUT_SECONDS', str(int(args.timeout)))
+    cmd = worker_command(args, backend, norm, devices, result)
+    tic = time.time()
+    try:
+        # own session, so that on timeout the whole process group (horovodrun and its
+        # workers) is stopped
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+    except OSError as e:
+        record['error'] = '%s: %s' % (type(e).__name__, e)
+        return record
+    try:
+        output, _ = proc.communicate(timeout=args.timeout)
+        status = 'ok' if proc.returncode == 0 else 'failed (exit %d)' % proc.returncode
+    except subprocess.TimeoutExpired:
+        stop_group(proc)
+        output, _ = proc.communicate()
+        status = 'timeout'
+    record['wall_s'] = round(time.time() - tic, 2)
+    if os.path.exists(result):
+        with open(result) as f:
+            record.update(json.load(f))
+        os.remove(result)
+    if status != 'ok' or record['status'] != 'ok':
+        record['status'] = status if status != 'ok' else 'failed (no result)'
+        record['step_s'] = None
+        tail = output.decode('utf-8', 'replace').strip().splitlines()[-15:]
+        record['error'] = '\n'.join(tail)
+        if backend == 'horovod':
+            sys.stderr.write('\nbench_norm: horovodrun (%s) %s; continuing with the other '
+                             'results. Last output:\n%s\n' % (norm, record['status'],
+                                                              record['error']))
+        else:
+            sys.stderr.write('\nbench_norm: %s local x%d %s. Last output:\n%s\n'
+                             % (norm, devices, record['status'], record['error']))
+    return record
+
+
+def stop_group(proc):
+    """SIGTERM, then SIGKILL, to the process group this script started for `proc`."""
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def add_ratios(records):
+    base = {(r['backend'], r['devices']): r['step_s'] for r in records if r['norm'] == 'bn'}
+    for r in records:
+        b = base.get((r['backend'], r['devices']))
+        r['ratio_to_bn'] = r['step_s'] / b if r['step_s'] and b else None
+    return records
+
+
+def format_table(records):
+    header = ('norm', 'backend', 'devices', 'step_s (median)', 'ratio to bn',
+              'blocking exch/step', 'non-blocking exch/step', 'status')
+    rows = []
+    for r in records:
+        fmt = lambda v, spec: '-' if v is None else spec % v
+        rows.append((r['norm'], r['backend'], str(r['devices']),
+                     'timeout' if r['status'] == 'timeout' else fmt(r['step_s'], '%.4f'),
+                     fmt(r.get('ratio_to_bn'), '%.2f'),
+                     fmt(r['blocking_exchanges_per_step'], '%d'),
+                     fmt(r['nonblocking_exchanges_per_step'], '%d'), r['status']))
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    line = lambda cells: '  '.join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    out = [line(header), line(['-' * w for w in widths])]
+    out += [line(row) for row in rows]
+    return '\n'.join(out)
+
+
+def main(args):
+    from tqdm import tqdm
+
+    configs = []
+    if 'local' in args.backends:
+        configs += [('local', norm, d) for d in args.devices for norm in args.norms]
+    if 'horovod' in args.backends:
+        configs += [('horovod', norm, args.hvd_np) for norm in args.norms]
+
+    records = []
+    bar = tqdm(configs, desc='bench_norm', unit='config', disable=args.no_progress)
+    for backend, norm, devices in bar:
+        bar.set_postfix_str('%s %s x%d' % (norm, backend, devices))
+        records.append(run_config(args, backend, norm, devices))
+    bar.close()
+
+    add_ratios(records)
+    print('\nstep time of a %d-block, %d-channel conv net, %d image(s) of %dx%d per device, '
+          '%d timed steps after %d warm-up' % (args.blocks, args.channels, args.batch_size,
+                                               args.image_size, args.image_size, args.steps,
+                                               args.warmup))
+    print(format_table(records))
+    if args.json:
+        parent = os.path.dirname(os.path.abspath(args.json))
+        os.makedirs(parent, exist_ok=True)
+        with open(args.json, 'w') as f:
+            json.dump(records, f, indent=2)
+        print('wrote %s' % args.json)
+    return records
+
+
+if __name__ == '__main__':
+    args = parse_args()
+    if args.worker:
+        run_worker(args)
+    else:
+        main(args)

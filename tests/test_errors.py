@@ -1,0 +1,67 @@
+"""Bad input gets a clear error, never a hang or a wrong answer."""
+import mxnet as mx
+import pytest
+from mxnet import autograd, gluon, nd
+
+import pbn_gluon
+
+
+def test_channel_count_mismatch():
+    layer = pbn_gluon.ProgressiveBatchNorm(in_channels=4)
+    layer.initialize()
+    with pytest.raises(ValueError, match='4 channels'):
+        layer(nd.ones((2, 3, 5, 5)))
+
+
+def test_group_size_must_divide_devices():
+    net = gluon.nn.HybridSequential()
+    net.add(pbn_gluon.ProgressiveBatchNorm(group_size=3))
+    with pytest.raises(ValueError, match='does not divide the 4 devices'):
+        pbn_gluon.StatsSync(net, pbn_gluon.LocalComm([mx.cpu(i) for i in range(4)]))
+
+
+@pytest.mark.parametrize('spec', ['exponential', 1.5, [0.5]])
+def test_unknown_local_weight_schedule(spec):
+    with pytest.raises(ValueError, match='local_weight'):
+        pbn_gluon.ProgressiveBatchNorm(local_weight=spec)
+
+
+def test_statssync_needs_norm_layers():
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Dense(3), gluon.nn.BatchNorm())
+    with pytest.raises(ValueError, match='convert_norm'):
+        pbn_gluon.StatsSync(net, pbn_gluon.LocalComm([mx.cpu()]))
+
+
+def test_statssync_on_other_contexts():
+    net = pbn_gluon.ProgressiveBatchNorm()
+    net.initialize(ctx=[mx.cpu(0)])
+    x = nd.ones((2, 3, 2, 2))
+    x.attach_grad()
+    with autograd.record():
+        y = net(x)
+    y.backward()
+    sync = pbn_gluon.StatsSync(net, pbn_gluon.LocalComm([mx.cpu(0), mx.cpu(1)]))
+    with pytest.raises(ValueError, match='communicator drives'):
+        sync.step()
+
+
+def test_launcher_stops_the_job_when_a_worker_dies():
+    """A dist_sync worker that dies makes the launcher stop the others and report it."""
+    import subprocess
+    import sys
+    import time
+    start = time.time()
+    code = (
+        'import os, sys, time, mxnet as mx\n'
+        'kv = mx.kv.create("dist_sync")\n'
+        'if kv.rank == 1:\n'
+        '    os._exit(3)\n'
+        'kv.init(7, mx.nd.ones(2))\n'      # rank 0 would wait for rank 1 forever
+        'time.sleep(600)\n')
+    result = subprocess.run([sys.executable, '-m', 'pbn_gluon.launch', '-n', '2', '--',
+                             sys.executable, '-c', code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 3
+    assert 'worker 1 exited with 3' in result.stderr
+    assert time.time() - start < 100

@@ -1,0 +1,132 @@
+"""Across processes: SyncBN over Horovod (Gloo) and KVStore dist_sync equals BatchNorm on the
+concatenated batch; PBN over them matches PBN over LocalComm on the same data."""
+import os
+import subprocess
+import sys
+
+import mxnet as mx
+import numpy as np
+import pytest
+from mxnet import autograd, nd
+
+import pbn_gluon
+import reference
+from common import make_batch, make_net
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BIN = os.path.dirname(sys.executable)
+STEPS = 2
+
+
+def run_workers(backend, norm, out, extra=()):
+    worker = [sys.executable, os.path.join(HERE, 'mp_worker.py'), '--backend', backend,
+              '--norm', norm, '--out', str(out), '--steps', str(STEPS)] + list(extra)
+    if backend == 'horovod':
+        cmd = [os.path.join(BIN, 'horovodrun'), '-np', '2', '-H', 'localhost:2', '--gloo'] + worker
+    else:
+        cmd = [sys.executable, '-m', 'pbn_gluon.launch', '-n', '2', '--timeout', '150', '--'] + worker
+    env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    return subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=240)
+
+
+def load(out):
+    return [np.load(os.path.join(out, 'rank%d.npz' % r)) for r in range(2)]
+
+
+def local_run(norm, devices=2):
+    """The same job on `devices` CPU contexts of this process (LocalComm)."""
+    ctxs = [mx.cpu(i) for i in range(devices)]
+    net = make_net(norm)
+    net.initialize(ctx=ctxs)
+    sync = pbn_gluon.StatsSync(net, pbn_gluon.LocalComm(ctxs))
+    records = [dict() for _ in ctxs]
+    for t in range(STEPS):
+        x, sizes = make_batch(t, devices)
+        parts = np.split(x, np.cumsum(sizes)[:-1])
+        xs = [nd.array(p, ctx=c) for p, c in zip(parts, ctxs)]
+        for a in xs:
+            a.attach_grad()
+        with autograd.record():
+            ys = [net(a) for a in xs]
+            losses = [(y * nd.array(np.linspace(-1, 1, y.size).reshape(y.shape), ctx=y.context))
+                      .sum() for y in ys]
+        autograd.backward(losses)
+        sync.step()
+        for r, (c, y, a) in enumerate(zip(ctxs, ys, xs)):
+            records[r].update({'y%d' % t: y.asnumpy(), 'dx%d' % t: a.grad.asnumpy(),
+                               'dgamma%d' % t: net[1].gamma.grad(c).asnumpy(),
+                               'rm%d' % t: net[1].running_mean.data(c).asnumpy()})
+    return records
+
+
+def concatenated_batchnorm(step_index):
+    """Reference: BatchNorm on the whole batch, the conv computed by a 1-device gluon net."""
+    x, sizes = make_batch(step_index, 2)
+    net = make_net('bn')
+    net.initialize()
+    conv = net[0](nd.array(x)).asnumpy()
+    dy = np.concatenate([np.linspace(-1, 1, n * conv[0].size).reshape((n,) + conv.shape[1:])
+                         for n in sizes])
+    norm = net[1]
+    y, _, dgamma, _ = reference.batchnorm(conv, norm.gamma.data().asnumpy(),
+                                          norm.beta.data().asnumpy(), 1e-5, dy)
+    return y, dgamma
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize('backend', ['horovod', 'kvstore'])
+def test_syncbn_across_processes_equals_batchnorm(backend, tmp_path):
+    result = run_workers(backend, 'syncbn', tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = load(tmp_path)
+    # conv weights are fixed and the first step's conv input too: compare step 0 exactly
+    y_ref, dgamma_ref = concatenated_batchnorm(0)
+    np.testing.assert_allclose(np.concatenate([r['y0'] for r in ranks]), y_ref,
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ranks[0]['dgamma0'] + ranks[1]['dgamma0'], dgamma_ref,
+                               rtol=1e-3, atol=1e-3)
+    # and every step agrees with SyncBN over LocalComm, including input gradients
+    local = local_run('syncbn')
+    for r in range(2):
+        for key in ('y', 'dx', 'dgamma', 'rm'):
+            for t in range(STEPS):
+                np.testing.assert_allclose(ranks[r]['%s%d' % (key, t)], local[r]['%s%d' % (key, t)],
+                                           rtol=1e-4, atol=1e-4, err_msg='%s%d rank %d' % (key, t, r))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize('backend', ['horovod', 'kvstore'])
+def test_pbn_across_processes_matches_localcomm(backend, tmp_path):
+    result = run_workers(backend, 'pbn', tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks, local = load(tmp_path), local_run('pbn')
+    for r in range(2):
+        for key in ('y', 'dx', 'dgamma', 'rm'):
+            for t in range(STEPS):
+                np.testing.assert_allclose(ranks[r]['%s%d' % (key, t)], local[r]['%s%d' % (key, t)],
+                                           rtol=1e-4, atol=1e-4, err_msg='%s%d rank %d' % (key, t, r))
+
+
+@pytest.mark.timeout(300)
+def test_processes_with_different_nets_fail_clearly(tmp_path):
+    """Rank 1 builds a net with other channel counts: both ranks stop with a clear error."""
+    script = tmp_path / 'mismatch.py'
+    script.write_text(
+        'import sys, mxnet as mx, pbn_gluon\n'
+        'from mxnet import autograd, nd\n'
+        'from common import make_net\n'
+        'comm = pbn_gluon.HorovodComm(mx.cpu())\n'
+        'net = make_net("pbn", channels=4 + comm.rank_offset)\n'
+        'net.initialize()\n'
+        'sync = pbn_gluon.StatsSync(net, comm)\n'
+        'x = nd.ones((2, 3, 4, 4)); x.attach_grad()\n'
+        'with autograd.record():\n'
+        '    y = net(x)\n'
+        'y.backward()\n'
+        'sync.step()\n')
+    cmd = [os.path.join(BIN, 'horovodrun'), '-np', '2', '-H', 'localhost:2', '--gloo',
+           sys.executable, str(script)]
+    env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    result = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0
+    assert 'processes run different nets' in result.stdout + result.stderr

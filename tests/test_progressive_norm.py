@@ -1,0 +1,169 @@
+"""ProgressiveBatchNorm against independent references: gluon BatchNorm (w = 1) and a numpy
+implementation of the spec (two steps on 4 CPU contexts, uneven per-device batches)."""
+import mxnet as mx
+import numpy as np
+import pytest
+from mxnet import autograd, gluon, nd
+
+import pbn_gluon
+import reference
+
+C = 4
+EPS = 1e-5
+GAMMA = np.linspace(0.5, 2.0, C)
+BETA = np.linspace(-1.0, 1.0, C)
+
+
+def build(layer, ctxs, hybridize):
+    layer.initialize(ctx=ctxs)
+    layer.gamma.set_data(nd.array(GAMMA))
+    layer.beta.set_data(nd.array(BETA))
+    if hybridize:
+        layer.hybridize(static_alloc=True)
+    return layer
+
+
+def step(layer, xs, dys, ctxs, sync=None):
+    """One training step of `layer` alone; returns outputs and input gradients per device."""
+    inputs = [nd.array(x, ctx=c) for x, c in zip(xs, ctxs)]
+    for x in inputs:
+        x.attach_grad()
+    with autograd.record():
+        ys = [layer(x) for x in inputs]
+        losses = [(y * nd.array(dy, ctx=y.context)).sum() for y, dy in zip(ys, dys)]
+    autograd.backward(losses)
+    if sync is not None:
+        sync.step()
+    return [y.asnumpy() for y in ys], [x.grad.asnumpy() for x in inputs]
+
+
+def batches(sizes, step_index, shape=(C, 5, 3)):
+    rng = np.random.RandomState(10 + step_index)
+    xs = [rng.normal(1.5, 2.0, (n,) + shape).astype(np.float32) for n in sizes]
+    dys = [rng.normal(0, 1, x.shape).astype(np.float32) for x in xs]
+    return xs, dys
+
+
+@pytest.mark.parametrize('hybridize', [False, True])
+def test_local_weight_one_is_batchnorm(hybridize):
+    """w = 1: outputs, input/gamma/beta gradients, running statistics and inference output
+    equal mxnet.gluon.nn.BatchNorm's over three steps."""
+    ctx = [mx.cpu(0)]
+    bn = build(gluon.nn.BatchNorm(in_channels=C), ctx, hybridize)
+    pbn = build(pbn_gluon.ProgressiveBatchNorm(in_channels=C, local_weight=1.0), ctx, hybridize)
+    sync = pbn_gluon.StatsSync(pbn, pbn_gluon.LocalComm(ctx))
+    for t in range(3):
+        xs, dys = batches([3], t)
+        y_bn, dx_bn = step(bn, xs, dys, ctx)
+        y_pbn, dx_pbn = step(pbn, xs, dys, ctx, sync)
+        np.testing.assert_allclose(y_pbn[0], y_bn[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(dx_pbn[0], dx_bn[0], rtol=1e-4, atol=1e-5)
+        for name in ('gamma', 'beta'):
+            np.testing.assert_allclose(getattr(pbn, name).grad().asnumpy(),
+                                       getattr(bn, name).grad().asnumpy(), rtol=1e-4, atol=1e-5)
+        for name in ('running_mean', 'running_var'):
+            np.testing.assert_allclose(getattr(pbn, name).data().asnumpy(),
+                                       getattr(bn, name).data().asnumpy(), rtol=1e-5, atol=1e-6)
+    x = nd.array(batches([2], 9)[0][0])
+    np.testing.assert_allclose(pbn(x).asnumpy(), bn(x).asnumpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('hybridize', [False, True])
+@pytest.mark.parametrize('group_size', [None, 2])
+def test_second_step_matches_numpy_spec(hybridize, group_size):
+    """4 CPU contexts, per-device batches of 2, 1, 3 and 2 images, w = 0.5: step 1 uses the
+    count-weighted moments of step 0 over the device's group (all 4, or pairs)."""
+    ctxs = [mx.cpu(i) for i in range(4)]
+    w = 0.5
+    layer = build(pbn_gluon.ProgressiveBatchNorm(in_channels=C, local_weight=w,
+                                                 group_size=group_size), ctxs, hybridize)
+    sync = pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs))
+    sizes = [2, 1, 3, 2]
+    g = group_size or 4
+    groups = [list(range(k // g * g, k // g * g + g)) for k in range(4)]
+    running_mean, running_var = np.zeros(C), np.ones(C)
+
+    x0, dy0 = batches(sizes, 0)
+    step(layer, x0, dy0, ctxs, sync)
+    x1, dy1 = batches(sizes, 1)
+    ys, dxs = step(layer, x1, dy1, ctxs, sync)
+
+    for t, xs in enumerate((x0, x1)):
+        mean, square = reference.group_moments(xs)      # group == all devices here
+        running_mean = 0.9 * running_mean + 0.1 * mean
+        running_var = 0.9 * running_var + 0.1 * (square - mean ** 2)
+    if group_size is None:  # running statistics: global moments, identical on every device
+        for ctx in ctxs:
+            np.testing.assert_allclose(layer.running_mean.data(ctx).asnumpy(), running_mean,
+                                       rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(layer.running_var.data(ctx).asnumpy(), running_var,
+                                       rtol=1e-5, atol=1e-6)
+    for k, ctx in enumerate(ctxs):
+        g_mean, g_square = reference.group_moments([x0[j] for j in groups[k]])
+        y, dx, dgamma, dbeta = reference.pbn_device(x1[k], g_mean, g_square, w, GAMMA, BETA,
+                                                    EPS, dy1[k])
+        np.testing.assert_allclose(ys[k], y, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(dxs[k], dx, rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(layer.gamma.grad(ctx).asnumpy(), dgamma, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(layer.beta.grad(ctx).asnumpy(), dbeta, rtol=1e-4, atol=1e-4)
+
+
+def test_numpy_reference_gradient_matches_finite_differences():
+    """The reference's analytic gradient is itself checked against central differences."""
+    rng = np.random.RandomState(0)
+    x = rng.normal(0.5, 1.5, (3, C, 2, 2))
+    dy = rng.normal(0, 1, x.shape)
+    g_mean, g_square = rng.normal(0, 1, C), rng.uniform(2, 3, C)
+    f = lambda x_: (reference.pbn_device(x_, g_mean, g_square, 0.3, GAMMA, BETA, EPS, dy)[0]
+                    * dy).sum()
+    dx = reference.pbn_device(x, g_mean, g_square, 0.3, GAMMA, BETA, EPS, dy)[1]
+    for idx in [(0, 0, 0, 0), (1, 2, 1, 0), (2, 3, 1, 1)]:
+        e = np.zeros_like(x)
+        e[idx] = 1e-6
+        assert abs((f(x + e) - f(x - e)) / 2e-6 - dx[idx]) < 1e-5
+
+
+def test_eval_mode_uses_running_statistics():
+    """Inference (and use_global_stats=True) normalise with the running statistics only."""
+    layer = build(pbn_gluon.ProgressiveBatchNorm(in_channels=C), [mx.cpu()], True)
+    rm, rv = np.linspace(-1, 1, C), np.linspace(0.5, 3, C)
+    layer.running_mean.set_data(nd.array(rm))
+    layer.running_var.set_data(nd.array(rv))
+    x = batches([2], 3)[0][0]
+    expected = (GAMMA.reshape(1, -1, 1, 1) * (x - rm.reshape(1, -1, 1, 1))
+                / np.sqrt(rv.reshape(1, -1, 1, 1) + EPS) + BETA.reshape(1, -1, 1, 1))
+    np.testing.assert_allclose(layer(nd.array(x)).asnumpy(), expected, rtol=1e-5, atol=1e-5)
+    frozen = build(pbn_gluon.ProgressiveBatchNorm(in_channels=C, use_global_stats=True),
+                   [mx.cpu()], False)
+    frozen.running_mean.set_data(nd.array(rm))
+    frozen.running_var.set_data(nd.array(rv))
+    with autograd.record():
+        y = frozen(nd.array(x))
+    np.testing.assert_allclose(y.asnumpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_schedules():
+    linear = pbn_gluon.schedules.Linear(start=10, steps=100)
+    assert linear(0, 4) == 1.0 and linear(10, 4) == 1.0
+    assert linear(60, 4) == pytest.approx(1 + (0.25 - 1) * 0.5)
+    assert linear(500, 4) == pytest.approx(0.25)
+    cosine = pbn_gluon.schedules.Cosine(start=0, steps=10, final=0.5)
+    assert cosine(5) == pytest.approx(0.75) and cosine(10) == 0.5
+    groups = pbn_gluon.schedules.group_size_schedule({0: 1, 100: 2, 200: 4})
+    assert [groups(t) for t in (0, 99, 100, 250)] == [1, 1, 2, 4]
+
+
+def test_group_schedule_and_local_weight_reach_the_graph():
+    """A growing group and a changing w are graph inputs: a hybridized layer follows them."""
+    ctxs = [mx.cpu(i) for i in range(2)]
+    layer = build(pbn_gluon.ProgressiveBatchNorm(
+        in_channels=C, local_weight=pbn_gluon.schedules.Linear(start=0, steps=2),
+        group_size={0: 1, 2: 2}), ctxs, True)
+    sync = pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs))
+    seen = []
+    for t in range(4):
+        xs, dys = batches([2, 2], t)
+        step(layer, xs, dys, ctxs, sync)
+        seen.append(float(layer.local_weight.data(ctxs[0]).asscalar()))
+    # w_{t+1} after step t: Linear to 1/G with G = 1 (t+1 < 2), then G = 2
+    assert seen == pytest.approx([1.0, 0.5, 0.5, 0.5])

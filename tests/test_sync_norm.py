@@ -1,0 +1,47 @@
+"""SyncBatchNorm on several CPU contexts of one process equals BatchNorm on the concatenated
+batch (numpy reference and gluon BatchNorm): outputs, input gradients, gamma/beta gradients."""
+import mxnet as mx
+import numpy as np
+import pytest
+from mxnet import autograd, gluon, nd
+
+import pbn_gluon
+import reference
+from test_progressive_norm import BETA, C, EPS, GAMMA, batches, build, step
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize('devices,hybridize', [(2, False), (4, True)])
+def test_syncbn_equals_batchnorm_on_concatenated_batch(devices, hybridize):
+    ctxs = [mx.cpu(i) for i in range(devices)]
+    layer = build(pbn_gluon.SyncBatchNorm(in_channels=C), ctxs, hybridize)
+    sync = pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs))
+    sizes = [2, 1, 3, 2][:devices]
+    bn = build(gluon.nn.BatchNorm(in_channels=C), [mx.cpu()], hybridize)
+    for t in range(2):
+        xs, dys = batches(sizes, t)
+        ys, dxs = step(layer, xs, dys, ctxs, sync)
+        y_ref, dx_ref, dgamma, dbeta = reference.batchnorm(
+            np.concatenate(xs), GAMMA, BETA, EPS, np.concatenate(dys))
+        np.testing.assert_allclose(np.concatenate(ys), y_ref, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.concatenate(dxs), dx_ref, rtol=1e-3, atol=1e-4)
+        # each device holds its part of the parameter gradient; the Trainer sums them
+        np.testing.assert_allclose(sum(layer.gamma.grad(c).asnumpy() for c in ctxs), dgamma,
+                                   rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(sum(layer.beta.grad(c).asnumpy() for c in ctxs), dbeta,
+                                   rtol=1e-4, atol=1e-4)
+        step(bn, [np.concatenate(xs)], [np.concatenate(dys)], [mx.cpu()])
+        for c in ctxs:  # running statistics: those of BatchNorm on the whole batch
+            np.testing.assert_allclose(layer.running_mean.data(c).asnumpy(),
+                                       bn.running_mean.data().asnumpy(), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(layer.running_var.data(c).asnumpy(),
+                                       bn.running_var.data().asnumpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_syncbn_without_statssync_fails_clearly():
+    layer = build(pbn_gluon.SyncBatchNorm(in_channels=C), [mx.cpu()], False)
+    x = nd.array(batches([2], 0)[0][0])
+    with pytest.raises(mx.base.MXNetError):
+        with autograd.record():
+            y = layer(x)
+        y.wait_to_read()

@@ -1,0 +1,51 @@
+"""No deadlock: hybridized GluonCV and small nets train on several CPU contexts of one process."""
+import mxnet as mx
+import numpy as np
+import pytest
+from gluoncv.model_zoo import get_model
+from mxnet import autograd, gluon, nd
+
+import pbn_gluon
+
+
+def train(net, ctxs, steps, shape):
+    net.hybridize(static_alloc=True)
+    sync = pbn_gluon.StatsSync(net, pbn_gluon.LocalComm(ctxs))
+    trainer = gluon.Trainer(net.collect_params(), 'sgd', {'learning_rate': 0.05, 'momentum': 0.9})
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    rng = np.random.RandomState(0)
+    xs = [nd.array(rng.normal(size=shape), ctx=c) for c in ctxs]    # a repeated batch
+    ys = [nd.array(rng.randint(0, 10, shape[0]), ctx=c) for c in ctxs]
+    history = []
+    for _ in range(steps):
+        with autograd.record():
+            losses = [loss_fn(net(x), y) for x, y in zip(xs, ys)]
+        autograd.backward(losses)
+        trainer.step(shape[0] * len(ctxs))
+        sync.step()
+        history.append(float(sum(l.sum().asscalar() for l in losses)))
+    return history
+
+
+@pytest.mark.timeout(300)
+def test_resnet18_v1b_pbn_trains_on_four_contexts():
+    ctxs = [mx.cpu(i) for i in range(4)]
+    net = get_model('resnet18_v1b', classes=10, norm_layer=pbn_gluon.ProgressiveBatchNorm,
+                    norm_kwargs={'local_weight': pbn_gluon.schedules.Linear(steps=2)})
+    net.initialize(mx.init.Xavier(), ctx=ctxs)
+    history = train(net, ctxs, 3, (2, 3, 32, 32))
+    assert all(np.isfinite(history))
+    assert history[-1] < history[0]     # it learns the repeated batch
+
+
+@pytest.mark.timeout(300)
+def test_conv_net_syncbn_trains_on_four_contexts():
+    ctxs = [mx.cpu(i) for i in range(4)]
+    net = gluon.nn.HybridSequential()
+    for _ in range(3):
+        net.add(gluon.nn.Conv2D(8, 3, padding=1), pbn_gluon.SyncBatchNorm(), gluon.nn.Activation('relu'))
+    net.add(gluon.nn.GlobalAvgPool2D(), gluon.nn.Dense(10))
+    net.initialize(mx.init.Xavier(), ctx=ctxs)
+    history = train(net, ctxs, 3, (2, 3, 16, 16))
+    assert all(np.isfinite(history))
+    assert history[-1] < history[0]
