@@ -16,7 +16,7 @@ with momentum 0). StatsSync reads them after the step: this is how the moments l
 hybridized graph without an extra device synchronisation.
 """
 from mxnet import ndarray as nd
-from mxnet.gluon import nn
+from mxnet.gluon import Parameter, nn
 
 __all__ = ['BatchStatsNorm']
 
@@ -82,6 +82,28 @@ def training_flag(F, like):
     return F.broadcast_not_equal(F.Dropout(ones, p=0.5, cudnn_off=True), ones)
 
 
+class StateParameter(Parameter):
+    """Exchange state of a norm layer: an input of its graph, never saved with the model.
+
+    A model loaded from a checkpoint (which holds no state) creates it on first use, on the
+    contexts of `owner` (the layer's running_mean)."""
+
+    def __init__(self, name, owner, **kwargs):
+        super().__init__(name, **kwargs)
+        self._owner = owner
+
+    def _check_and_get(self, arr_list, ctx):
+        if arr_list is None and not self._deferred_init and self._owner._data is not None:
+            self.initialize(ctx=self._owner.list_ctx())
+            arr_list = self._data
+        return super()._check_and_get(arr_list, ctx)
+
+    def reset_ctx(self, ctx):
+        if self._data is None and not self._deferred_init:
+            return          # not created yet: it follows its owner on first use
+        super().reset_ctx(ctx)
+
+
 class BatchStatsNorm(nn.BatchNorm):
     """Base class of the exchanged batch norms. Takes every argument of
     mxnet.gluon.nn.BatchNorm; its saved parameters are exactly BatchNorm's (gamma, beta,
@@ -89,9 +111,6 @@ class BatchStatsNorm(nn.BatchNorm):
 
     Subclasses define ``_train_moments(F, mean, var, count, **state)`` returning the moments to
     normalise with and the (3, C) sums from which StatsSync updates the running statistics."""
-
-    # parameters that hold exchange state: used in the graph, never saved with the model
-    _state_params = ('batch_sums', 'batch_sums_scratch')
 
     def __init__(self, axis=1, momentum=0.9, epsilon=1e-5, center=True, scale=True,
                  use_global_stats=False, beta_initializer='zeros', gamma_initializer='ones',
@@ -109,8 +128,11 @@ class BatchStatsNorm(nn.BatchNorm):
         self.batch_sums_scratch = self._state_param('batch_sums_scratch', (3 * in_channels,))
 
     def _state_param(self, name, shape, init='zeros'):
-        return self.params.get(name, grad_req='null', shape=shape, init=init,
+        param = StateParameter(self.params.prefix + name, owner=self.running_mean,
+                               grad_req='null', shape=shape, init=init,
                                allow_deferred_init=True, differentiable=False)
+        self.params._params[param.name] = param     # ParameterDict.get only makes Parameters
+        return param
 
     @property
     def momentum(self):
@@ -122,9 +144,8 @@ class BatchStatsNorm(nn.BatchNorm):
 
     def _collect_params_with_prefix(self, prefix=''):
         # save_parameters / load_parameters see exactly BatchNorm's parameters
-        state = {id(getattr(self, name)) for name in self._state_params}
         return {k: v for k, v in super()._collect_params_with_prefix(prefix).items()
-                if id(v) not in state}
+                if not isinstance(v, StateParameter)}
 
     def forward(self, x, *args):
         if isinstance(x, nd.NDArray):

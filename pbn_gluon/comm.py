@@ -9,6 +9,7 @@ inside an engine operator.
 - KVStoreComm(kvstore, contexts): mx.kv 'local', 'device' or 'dist_sync' (ps-lite).
 - HorovodComm(context): one device per process, Gloo (CPU) or NCCL (GPU) allreduce.
 """
+import atexit
 import collections
 import os
 import sys
@@ -40,6 +41,13 @@ class Comm:
     def ranks(self):
         """Global ranks of this process's devices, in the order of ``contexts``."""
         return list(range(self.rank_offset, self.rank_offset + len(self.contexts)))
+
+    #: True when every exchange must be declared with prepare() before the first step
+    needs_prepare = False
+
+    def prepare(self, tagged_shapes):
+        """Declare the (tag, shape) pairs that exchanges will use, in the same order on every
+        process. Called by StatsSync from the main thread; a no-op unless needs_prepare."""
 
     def allreduce_(self, arrays, tag):
         """In place: arrays[i] (on contexts[i]) becomes the sum of that array over the job."""
@@ -166,12 +174,32 @@ class KVStoreComm(Comm):
         self.contexts = list(contexts) if isinstance(contexts, (list, tuple)) else [contexts]
         self.size = kvstore.num_workers * len(self.contexts)
         self.rank_offset = kvstore.rank * len(self.contexts)
+        # dist_sync's init is a barrier of all workers: keys must be created in one order on
+        # every process, so never from MXNet's custom-operator thread (SyncBatchNorm)
+        self.needs_prepare = kvstore.type.startswith('dist')
         self._keys = {}
         self._lock = threading.Lock()
+        if self.needs_prepare:
+            atexit.register(self.close)
+
+    def close(self):
+        """Wait for pending exchanges and shut the dist kvstore down (done at exit: MXNet 1.9
+        aborts at exit when a dist kvstore outlives a custom operator's thread)."""
+        if self.kvstore.handle is not None:
+            nd.waitall()
+            mx.base.check_call(mx.base._LIB.MXKVStoreFree(self.kvstore.handle))
+            self.kvstore.handle = None
+
+    def prepare(self, tagged_shapes):
+        for tag, shape in tagged_shapes:
+            self._key(tag, tuple(shape))
 
     def _key(self, tag, shape):
         with self._lock:
             if (tag, shape) not in self._keys:
+                if self.needs_prepare and threading.current_thread() is not threading.main_thread():
+                    raise RuntimeError('KVStoreComm: exchange %s %s was not prepared; create '
+                                       'StatsSync before the first training step' % (tag, shape))
                 key = self.KEY_BASE + len(self._keys)
                 self.kvstore.init(key, nd.zeros(shape, ctx=self.contexts[0]))
                 self._keys[tag, shape] = key

@@ -81,6 +81,13 @@ def launch(command, num_workers, num_servers=1, hosts=None, ssh='ssh', root_uri=
                 sys.stderr.write('pbn_gluon.launch: worker %d exited with %d; stopping the job\n'
                                  % (workers.index(failed[0]), code))
                 break
+            dead = [p for p in procs if p.poll() not in (None, 0)]
+            if dead:    # a crashed scheduler or server leaves the workers waiting forever
+                code = dead[0].returncode
+                sys.stderr.write('pbn_gluon.launch: %s exited with %d; stopping the job\n'
+                                 % ('scheduler' if dead[0] is procs[0] else 'server %d'
+                                    % (procs.index(dead[0]) - 1), dead[0].returncode))
+                break
             if timeout and time.time() - start > timeout:
                 sys.stderr.write('pbn_gluon.launch: job exceeded %ss; stopping it\n' % timeout)
                 code = 124

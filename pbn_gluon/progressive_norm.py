@@ -38,8 +38,6 @@ class ProgressiveBatchNorm(BatchStatsNorm):
     plain per-device BatchNorm in training, whose running statistics are never updated.
     """
 
-    _state_params = BatchStatsNorm._state_params + ('global_sums', 'local_weight')
-
     def __init__(self, local_weight=None, group_size=None, **kwargs):
         super().__init__(**kwargs)
         self.local_weight_schedule = local_weight_schedule(local_weight)

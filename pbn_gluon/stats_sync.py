@@ -20,7 +20,7 @@ from mxnet import ndarray as nd
 
 from .batch_stats import BatchStatsNorm
 from .progressive_norm import ProgressiveBatchNorm
-from .sync_norm import SyncBatchNorm, attach
+from .sync_norm import SyncBatchNorm, attach, exchange_tag
 
 __all__ = ['StatsSync', 'find_norm_layers']
 
@@ -73,9 +73,22 @@ class StatsSync:
             attach(layer, comm, index)
         for layer in self.pbn:
             layer.check_devices(comm.size)
+        self._prepare_syncbn()
         self.step_count = 0
         self._bound = None
         self._weights = None
+
+    def _prepare_syncbn(self):
+        channels = [layer.gamma.shape[0] if layer.gamma.shape else 0 for layer in self.syncbn]
+        if 0 in channels:
+            if self.comm.needs_prepare:
+                raise ValueError(
+                    '%s needs the channel counts of every SyncBatchNorm before training: give '
+                    'in_channels, or run one forward pass outside autograd.record() (which '
+                    'exchanges nothing) before creating StatsSync' % self.comm)
+            return
+        self.comm.prepare([(exchange_tag(i, d), (3, c)) for i, c in enumerate(channels)
+                           for d in ('fwd', 'bwd')])
 
     @property
     def exchanges_per_step(self):

