@@ -6,9 +6,9 @@ Per channel, with x seen as (A, C, B) (channel axis in the middle):
     train:  y = gamma * (x - mu) / sqrt(var + eps) + beta,  (mu, var) from ``_train_moments``
     infer:  y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta
 
-Both are computed as one per-channel affine map y = a x + b, with (a, b) picked at run time by
-the engine's training flag, so a single traced graph serves ``autograd.record()`` and inference
-alike, like the BatchNorm operator does.
+Both run through MXNet's fused inference BatchNorm operator: training rewrites (gamma, beta) so
+that it computes the train formula, picked at run time by the engine's training flag, so a
+single traced graph serves ``autograd.record()`` and inference alike, like BatchNorm does.
 
 The layer also writes a (3, C) array of per-channel sums [sum x, sum x^2, count] into its
 ``batch_sums`` state during the backward pass (through the aux state of a tiny BatchNorm operator
@@ -30,19 +30,19 @@ def channel_major(F, x, axis):
     return F.reshape(F.swapaxes(x, 1, axis), (0, 0, -1))
 
 
-def restore_layout(F, y3, x, axis):
-    """Inverse of channel_major."""
-    if axis in (1, -1):
-        return F.reshape_like(y3, x)
-    return F.swapaxes(F.reshape_like(y3, F.swapaxes(x, 1, axis)), 1, axis)
-
-
 def batch_moments(F, x3):
-    """Per-channel mean, biased variance and element count n (shape (1,)) of x3 = (A, C, B)."""
-    mean, var = F.moments(x3, axes=(0, 2))
+    """Per-channel mean, biased variance and element count n (shape (1,)) of x3 = (A, C, B).
+
+    The sums over B are matrix products with a ones vector (BLAS): on CPU several times faster
+    than MXNet's reduction kernels, forward and backward."""
     shape = F.shape_array(x3)
     count = F.slice_axis(shape, axis=0, begin=0, end=1) * F.slice_axis(shape, axis=0, begin=2, end=3)
-    return mean, var, F.BlockGrad(F.cast(count, 'float32'))
+    count = F.BlockGrad(F.cast(count, 'float32'))
+    ones = F.reshape(F.ones_like(F.slice_axis(x3, axis=1, begin=0, end=1)), (0, -1, 1))
+    total = lambda v: F.reshape(F.sum(F.batch_dot(v, ones), axis=0), (-1,))    # (C,)
+    mean = F.broadcast_div(total(x3), count)
+    var = F.relu(F.broadcast_div(total(F.square(x3)), count) - F.square(mean))
+    return mean, var, count
 
 
 def moments_to_sums(F, mean, var, count):
@@ -164,25 +164,26 @@ class BatchStatsNorm(nn.BatchNorm):
 
     def hybrid_forward(self, F, x, gamma, beta, running_mean, running_var,
                        batch_sums, batch_sums_scratch, **state):
-        x3 = channel_major(F, x, self._axis)
         if not self._scale:
             gamma = F.ones_like(gamma)
-        scale_infer = gamma * F.rsqrt(running_var + self._epsilon)
-        shift_infer = beta - running_mean * scale_infer
-        if self._use_global_stats:
-            scale, shift = scale_infer, shift_infer
-        else:
-            mean, var, count = batch_moments(F, x3)
+        if not self._use_global_stats:
+            mean, var, count = batch_moments(F, channel_major(F, x, self._axis))
             mu, sigma2, sums = self._train_moments(F, mean, var, count, **state)
-            scale_train = gamma * F.rsqrt(sigma2 + self._epsilon)
-            shift_train = F.broadcast_add(beta - mu * scale_train,
-                                          stash(F, sums, batch_sums, batch_sums_scratch))
+            scale = gamma * F.rsqrt(sigma2 + self._epsilon)
+            shift = F.broadcast_add(beta - mu * scale,
+                                    stash(F, sums, batch_sums, batch_sums_scratch))
+            # y = scale x + shift, written for the inference operator below
+            gamma_train = scale * F.sqrt(running_var + self._epsilon)
+            beta_train = shift + scale * running_mean
             training = training_flag(F, mean)
-            scale = F.where(training, scale_train, scale_infer)
-            shift = F.where(training, shift_train, shift_infer)
-        y3 = F.broadcast_add(F.broadcast_mul(x3, F.reshape(scale, (1, -1, 1))),
-                             F.reshape(shift, (1, -1, 1)))
-        return restore_layout(F, y3, x, self._axis)
+            gamma = F.where(training, gamma_train, gamma)
+            beta = F.where(training, beta_train, beta)
+        # MXNet's fused inference BatchNorm: gamma (x - running_mean) / sqrt(running_var + eps)
+        # + beta in one pass, and its backward gives the gamma and beta gradients in the same
+        # pass (several times faster on CPU than broadcast_mul and broadcast_add)
+        return F.BatchNorm(x, gamma, beta, running_mean, running_var, eps=self._epsilon,
+                           fix_gamma=False, use_global_stats=True, axis=self._axis,
+                           cudnn_off=True)
 
     def _train_moments(self, F, mean, var, count, **state):
         raise NotImplementedError

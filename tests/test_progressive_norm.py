@@ -167,3 +167,25 @@ def test_group_schedule_and_local_weight_reach_the_graph():
         seen.append(float(layer.local_weight.data(ctxs[0]).asscalar()))
     # w_{t+1} after step t: Linear to 1/G with G = 1 (t+1 < 2), then G = 2
     assert seen == pytest.approx([1.0, 0.5, 0.5, 0.5])
+
+
+@pytest.mark.parametrize('axis', [-1, 2])
+def test_channel_axis_other_than_one_is_batchnorm(axis):
+    """w = 1 with channels on the last / a middle axis: outputs and gradients equal BatchNorm's."""
+    rng = np.random.RandomState(3)
+    shape = [2, 3, 5, 6]
+    shape[axis] = C
+    x = rng.normal(0.5, 2.0, shape).astype(np.float32)
+    dy = rng.normal(0, 1, shape).astype(np.float32)
+    results = []
+    for layer in (gluon.nn.BatchNorm(axis=axis, in_channels=C),
+                  pbn_gluon.ProgressiveBatchNorm(axis=axis, in_channels=C, local_weight=1.0)):
+        build(layer, [mx.cpu(0)], hybridize=True)
+        a = nd.array(x)
+        a.attach_grad()
+        with autograd.record():
+            y = layer(a)
+        y.backward(nd.array(dy))
+        results.append((y.asnumpy(), a.grad.asnumpy(), layer.gamma.grad().asnumpy()))
+    for got, want in zip(results[1], results[0]):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
