@@ -227,7 +227,8 @@ class StatsSync:
         if weights != self._weights:
             host = np.asarray(weights, dtype=np.float32)
             for w in self.weights:
-                w[:] = host
+                # through a fresh array: writing numpy into w would wait for this step's reads
+                w[:] = nd.array(host, ctx=w.context)
             self._weights = weights
 
     # -- checkpoints --------------------------------------------------------------------------

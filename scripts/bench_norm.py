@@ -1,28 +1,34 @@
 """Benchmark: training step time of BatchNorm vs ProgressiveBatchNorm vs SyncBatchNorm.
 
-A small conv net (Conv2D 3x3 + norm + ReLU blocks, a Dense head, softmax cross-entropy, SGD)
-is trained for a few steps with each norm layer, on 1..8 CPU contexts of one process ("local"
-backend) and on 2 Horovod/Gloo processes ("horovod" backend). Every configuration runs in its
+A model (``--model convnet``: Conv2D 3x3 + norm + ReLU blocks and a Dense head; ``--model
+deeplab``: GluonCV's DeepLabV3-ResNet50 on small crops) is trained for a few steps with each
+norm layer, on 1..8 CPU contexts of one process ("local" backend), on Horovod/Gloo processes
+("horovod", one device each, through horovodrun) and on KVStore dist_sync workers ("kvstore",
+through python -m pbn_gluon.launch). Every configuration runs ``--repeats`` times, each in its
 own subprocess under a time limit, so a stall shows up as "timeout" in the table.
 
-    python scripts/bench_norm.py --quick                         # ~1 min: devices 1, 2
+    python scripts/bench_norm.py --quick                         # ~2 min: devices 1, 2
     python scripts/bench_norm.py --json results/bench_norm.json  # the full grid
+    python scripts/bench_norm.py --model deeplab --devices 1,2 --backends local,horovod,kvstore \
+        --repeats 3 --json results/bench_deeplab.json --plot results/bench_deeplab.png
 
-Reported per configuration: the median step time (seconds, each step ends with waitall), its
-ratio to BatchNorm on the same backend and devices, and the exchanges per step taken from
-StatsSync.exchanges_per_step (blocking, non-blocking).
+Reported per configuration: the median step time (seconds, each step ends with waitall; the
+median over repeats of each run's median), its ratio to BatchNorm on the same backend and
+devices, and the exchanges per step taken from StatsSync.exchanges_per_step.
 """
 import argparse
 import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
 NORMS = ('bn', 'pbn', 'syncbn')
+BACKENDS = ('local', 'horovod', 'kvstore')
 HERE = os.path.abspath(__file__)
 
 
@@ -34,9 +40,14 @@ def parse_args(argv=None):
     parser.add_argument('--devices', type=str, default='1,2,4,8',
                         help='comma-separated CPU context counts for the local backend.')
     parser.add_argument('--backends', type=str, default='local,horovod',
-                        help='comma-separated backends among local, horovod.')
+                        help='comma-separated backends among local, horovod, kvstore.')
     parser.add_argument('--hvd-np', type=int, default=2,
-                        help='number of Horovod processes (one device each).')
+                        help='number of Horovod processes / KVStore workers (one device each).')
+    parser.add_argument('--model', choices=['convnet', 'deeplab'], default='convnet',
+                        help='convnet: small conv net; deeplab: GluonCV DeepLabV3-ResNet50.')
+    parser.add_argument('--repeats', type=int, default=1,
+                        help='runs of each configuration (separate processes).')
+    parser.add_argument('--plot', type=str, default=None, help='write a bar chart (PNG) here.')
     parser.add_argument('--steps', type=int, default=20, help='timed steps per configuration.')
     parser.add_argument('--warmup', type=int, default=3, help='untimed steps first.')
     parser.add_argument('--batch-size', type=int, default=2, help='images per device.')
@@ -51,7 +62,7 @@ def parse_args(argv=None):
     parser.add_argument('--json', type=str, default=None, help='write the records to this file.')
     parser.add_argument('--no-progress', action='store_true', help='hide the progress bar.')
     # internal: one configuration, run by a subprocess of this script
-    parser.add_argument('--worker', choices=['local', 'horovod'], default=None,
+    parser.add_argument('--worker', choices=BACKENDS, default=None,
                         help=argparse.SUPPRESS)
     parser.add_argument('--norm', choices=NORMS, default='bn', help=argparse.SUPPRESS)
     parser.add_argument('--num-devices', type=int, default=1, help=argparse.SUPPRESS)
@@ -69,8 +80,10 @@ def parse_args(argv=None):
         if n not in NORMS:
             parser.error('unknown norm %r (choose from %s)' % (n, ', '.join(NORMS)))
     for b in args.backends:
-        if b not in ('local', 'horovod'):
-            parser.error('unknown backend %r (choose from local, horovod)' % b)
+        if b not in BACKENDS:
+            parser.error('unknown backend %r (choose from %s)' % (b, ', '.join(BACKENDS)))
+    if args.model == 'deeplab' and args.image_size % 8:
+        parser.error('--image-size must be a multiple of 8 for deeplab (output stride 8)')
     return args
 
 
@@ -78,21 +91,30 @@ def parse_args(argv=None):
 # worker: one configuration, timed in this process
 # ----------------------------------------------------------------------------------------------
 
-def build_net(norm, args):
-    """blocks x (Conv2D 3x3 + norm + ReLU), global average pooling, Dense head."""
+def norm_layer(norm):
     import pbn_gluon
     from mxnet.gluon import nn
+    return {'bn': nn.BatchNorm, 'pbn': pbn_gluon.ProgressiveBatchNorm,
+            'syncbn': pbn_gluon.SyncBatchNorm}[norm]
 
-    layers = {'bn': nn.BatchNorm,
-              'pbn': pbn_gluon.ProgressiveBatchNorm,
-              'syncbn': pbn_gluon.SyncBatchNorm}
+
+def build_net(norm, args):
+    """convnet: blocks x (Conv2D 3x3 + norm + ReLU), global average pooling, Dense head.
+    deeplab: GluonCV DeepLabV3-ResNet50 (no aux head), random initialisation."""
+    from mxnet.gluon import nn
+
+    if args.model == 'deeplab':
+        from gluoncv.model_zoo import DeepLabV3
+        return DeepLabV3(args.classes, backbone='resnet50', aux=False, pretrained_base=False,
+                         crop_size=args.image_size, base_size=args.image_size,
+                         norm_layer=norm_layer(norm), norm_kwargs={})
     net = nn.HybridSequential(prefix='bench_')
     with net.name_scope():
         in_channels = 3
         for _ in range(args.blocks):
             net.add(nn.Conv2D(args.channels, 3, padding=1, use_bias=False,
                               in_channels=in_channels))
-            net.add(layers[norm](in_channels=args.channels))
+            net.add(norm_layer(norm)(in_channels=args.channels))
             net.add(nn.Activation('relu'))
             in_channels = args.channels
         net.add(nn.GlobalAvgPool2D(), nn.Flatten())
@@ -115,12 +137,18 @@ def run_worker(args):
 
     mx.random.seed(0)
     np.random.seed(0)
+    kvstore = 'device'
     if args.worker == 'horovod':
         import horovod.mxnet as hvd
         hvd.init()
         rank, size = hvd.rank(), hvd.size()
         ctxs = [mx.cpu()]
         comm = pbn_gluon.HorovodComm(ctxs[0])
+    elif args.worker == 'kvstore':
+        kvstore = mx.kv.create('dist_sync')
+        rank, size = kvstore.rank, kvstore.num_workers
+        ctxs = [mx.cpu()]
+        comm = pbn_gluon.KVStoreComm(kvstore, ctxs)
     else:
         rank, size = 0, args.num_devices
         ctxs = [mx.cpu(i) for i in range(args.num_devices)]
@@ -128,30 +156,41 @@ def run_worker(args):
 
     net = build_net(args.norm, args)
     net.initialize(mx.init.Xavier(), ctx=ctxs)
+    net.collect_params().reset_ctx(ctxs)    # DeepLab initialises its head on cpu(0) itself
     net.hybridize(static_alloc=True)
-    sync = pbn_gluon.StatsSync(net, comm) if args.norm != 'bn' else None
-    non_blocking, blocking = sync.exchanges_per_step if sync is not None else (0, 0)
-
-    record = {'norm': args.norm, 'backend': args.worker, 'devices': size,
-              'blocking_exchanges_per_step': blocking,
-              'nonblocking_exchanges_per_step': non_blocking,
-              'norm_layers': args.blocks, 'steps': 0, 'warmup': args.warmup,
-              'step_s': None, 'status': 'started'}
-    if rank == 0 and args.result:   # known before timing: kept even if the run stalls
-        write_json(args.result, record)
-
     optimizer_params = {'learning_rate': 0.01, 'momentum': 0.9}
     if args.worker == 'horovod':
         hvd.broadcast_parameters(net.collect_params(), root_rank=0)
         trainer = hvd.DistributedTrainer(net.collect_params(), 'sgd', optimizer_params)
-    else:
-        trainer = gluon.Trainer(net.collect_params(), 'sgd', optimizer_params)
-    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    else:   # KVStoreComm's keys sit beside the Trainer's: no server-side optimizer
+        trainer = gluon.Trainer(net.collect_params(), 'sgd', optimizer_params, kvstore=kvstore,
+                                update_on_kvstore=False if args.worker == 'kvstore' else None)
+    if args.model == 'deeplab' and args.norm == 'syncbn' and comm.needs_prepare:
+        # SyncBN over dist_sync needs the channel counts: one inference pass (no exchange).
+        # MXNet 1.9's dist_sync Trainer then fails on the server ('init 4 first'): see README
+        net(mx.nd.zeros((1, 3, args.image_size, args.image_size), ctx=ctxs[0]))
+    sync = pbn_gluon.StatsSync(net, comm) if args.norm != 'bn' else None
+    non_blocking, blocking = sync.exchanges_per_step if sync is not None else (0, 0)
+
+    layers = len(pbn_gluon.find_norm_layers(net)) if sync is not None else None
+    record = {'norm': args.norm, 'backend': args.worker, 'devices': size, 'model': args.model,
+              'blocking_exchanges_per_step': blocking,
+              'nonblocking_exchanges_per_step': non_blocking,
+              'norm_layers': layers, 'steps': 0, 'warmup': args.warmup,
+              'step_s': None, 'status': 'started'}
+    if rank == 0 and args.result:   # known before timing: kept even if the run stalls
+        write_json(args.result, record)
 
     shape = (args.batch_size, 3, args.image_size, args.image_size)
     data = [mx.nd.array(np.random.normal(size=shape), ctx=c) for c in ctxs]
-    labels = [mx.nd.array(np.random.randint(0, args.classes, args.batch_size), ctx=c)
-              for c in ctxs]
+    if args.model == 'deeplab':     # per-pixel labels, loss on the main output
+        cross_entropy = gluon.loss.SoftmaxCrossEntropyLoss(axis=1)
+        loss_fn = lambda out, y: cross_entropy(out[0], y)
+        label_shape = (args.batch_size, args.image_size, args.image_size)
+    else:
+        loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+        label_shape = (args.batch_size,)
+    labels = [mx.nd.array(np.random.randint(0, args.classes, label_shape), ctx=c) for c in ctxs]
 
     times = []
     for i in range(args.warmup + args.steps):
@@ -159,9 +198,9 @@ def run_worker(args):
         with autograd.record():
             losses = [loss_fn(net(x), y) for x, y in zip(data, labels)]
         autograd.backward(losses)
-        trainer.step(args.batch_size * len(ctxs))
         if sync is not None:
-            sync.step()
+            sync.step()     # before trainer.step: its exchange overlaps the gradients' allreduce
+        trainer.step(args.batch_size * len(ctxs))
         mx.nd.waitall()
         if sync is not None:
             comm.check()    # raises if a device never reached an exchange
@@ -178,6 +217,7 @@ def run_worker(args):
         write_json(args.result, record)
     if args.worker == 'horovod':
         hvd.shutdown()
+    mx.nd.waitall()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,11 +230,13 @@ def worker_command(args, backend, norm, devices, result):
            '--steps', str(args.steps), '--warmup', str(args.warmup),
            '--batch-size', str(args.batch_size), '--image-size', str(args.image_size),
            '--channels', str(args.channels), '--blocks', str(args.blocks),
-           '--classes', str(args.classes)]
+           '--classes', str(args.classes), '--model', args.model]
     if backend == 'horovod':
         horovodrun = shutil.which('horovodrun') or os.path.join(
             os.path.dirname(sys.executable), 'horovodrun')
         cmd = [horovodrun, '-np', str(devices), '-H', 'localhost:%d' % devices, '--gloo'] + cmd
+    elif backend == 'kvstore':
+        cmd = [sys.executable, '-m', 'pbn_gluon.launch', '-n', str(devices), '--'] + cmd
     return cmd
 
 
@@ -286,34 +328,91 @@ def format_table(records):
     return '\n'.join(out)
 
 
+def merge_repeats(runs):
+    """One record per configuration: step_s is the median of the runs' medians."""
+    ok = [r for r in runs if r['status'] == 'ok']
+    record = dict(ok[0] if ok else runs[-1])
+    record['step_s_runs'] = [r['step_s'] for r in ok]
+    record['repeats'] = len(runs)
+    if ok:
+        record['step_s'] = statistics.median(record['step_s_runs'])
+        if len(ok) < len(runs):
+            record['status'] = 'ok (%d of %d runs)' % (len(ok), len(runs))
+    return record
+
+
+def plot(records, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    groups = sorted({(r['backend'], r['devices']) for r in records},
+                    key=lambda g: (BACKENDS.index(g[0]), g[1]))
+    norms = [n for n in NORMS if any(r['norm'] == n for r in records)]
+    colors = {'bn': 'tab:red', 'pbn': 'tab:green', 'syncbn': 'tab:blue'}
+    width = 0.8 / len(norms)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(groups), 3.8))
+    for k, norm in enumerate(norms):
+        for g, (backend, devices) in enumerate(groups):
+            r = next((r for r in records if (r['norm'], r['backend'], r['devices'])
+                      == (norm, backend, devices)), None)
+            if r is None:
+                continue
+            x = g + (k - (len(norms) - 1) / 2) * width
+            if r['step_s']:
+                ax.bar(x, 1000 * r['step_s'], width, color=colors[norm], label=norm)
+            else:
+                ax.text(x, 0, 'x', ha='center', va='bottom', color=colors[norm])
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys())
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(['%s\n%d dev' % g for g in groups])
+    ax.set_ylabel('median step time [ms]')
+    ax.set_title('%s: step time per norm layer (x = timeout/failed)' % records[0].get('model', ''))
+    ax.grid(axis='y', alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(args):
     from tqdm import tqdm
 
     configs = []
     if 'local' in args.backends:
         configs += [('local', norm, d) for d in args.devices for norm in args.norms]
-    if 'horovod' in args.backends:
-        configs += [('horovod', norm, args.hvd_np) for norm in args.norms]
+    for backend in ('horovod', 'kvstore'):
+        if backend in args.backends:
+            configs += [(backend, norm, args.hvd_np) for norm in args.norms]
 
     records = []
-    bar = tqdm(configs, desc='bench_norm', unit='config', disable=args.no_progress)
-    for backend, norm, devices in bar:
+    bar = tqdm(total=len(configs) * args.repeats, desc='bench_norm', unit='run',
+               disable=args.no_progress)
+    for backend, norm, devices in configs:
         bar.set_postfix_str('%s %s x%d' % (norm, backend, devices))
-        records.append(run_config(args, backend, norm, devices))
+        runs = []
+        for _ in range(args.repeats):
+            runs.append(run_config(args, backend, norm, devices))
+            bar.update()
+        record = merge_repeats(runs)
+        record['model'] = args.model
+        records.append(record)
     bar.close()
 
     add_ratios(records)
-    print('\nstep time of a %d-block, %d-channel conv net, %d image(s) of %dx%d per device, '
-          '%d timed steps after %d warm-up' % (args.blocks, args.channels, args.batch_size,
-                                               args.image_size, args.image_size, args.steps,
-                                               args.warmup))
+    what = ('GluonCV DeepLabV3-ResNet50' if args.model == 'deeplab' else
+            'a %d-block, %d-channel conv net' % (args.blocks, args.channels))
+    print('\nstep time of %s, %d image(s) of %dx%d per device, %d timed steps after %d '
+          'warm-up, median of %d run(s)' % (what, args.batch_size, args.image_size,
+                                             args.image_size, args.steps, args.warmup,
+                                             args.repeats))
     print(format_table(records))
-    if args.json:
-        parent = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(parent, exist_ok=True)
-        with open(args.json, 'w') as f:
-            json.dump(records, f, indent=2)
-        print('wrote %s' % args.json)
+    for path, write in ((args.json, lambda p: write_json(p, records)),
+                        (args.plot, lambda p: plot(records, p))):
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            write(path)
+            print('wrote %s' % path)
     return records
 
 

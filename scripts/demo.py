@@ -6,26 +6,29 @@ accuracy; exact synchronous BatchNorm (syncbn) recovers it but pays two BLOCKING
 norm layer and step; PBN recovers most of it with ONE non-blocking exchange per step, i.e. at
 BatchNorm's speed. GroupNorm (gn) is a batch-independent reference.
 
-Data (no download): scikit-learn's ``load_digits()`` 8x8 digits composited into 32x32 scenes:
-2-3 digits at random positions and scales (1x, 1.5x, 2x), non-overlapping, on a noisy
+Data (no download): scikit-learn's ``load_digits()`` 8x8 digits 0 and 1 composited into 32x32
+scenes: 2-3 digits at random positions and scales (1x, 1.5x, 2x), non-overlapping, on a noisy
 background; every image gets its own brightness offset and contrast gain, so that per-image
 (batch of 1) statistics differ a lot from the dataset's. Per-pixel labels: 0 = background,
-1..10 = digit class + 1 (pixels of a digit whose ink is > 25 %). Deterministic from --data-seed.
+1 = a "0", 2 = a "1" (pixels of a digit whose ink is > 25 %). Deterministic from --data-seed.
+(With all ten digits the net needs far more than the demo's 300 steps to leave "all background".)
 
 Net: a small fully-convolutional segmentation net (5 conv + norm + ReLU blocks, 16-32 channels,
-one stride-2 downsample and a nearest upsample, 1x1 classifier to 11 classes) built with a
+one stride-2 downsample and a nearest upsample, 1x1 classifier to 3 classes) built with a
 ``norm_layer`` argument.
 
-Training: 8 CPU contexts of ONE process (mx.cpu(0..7)), images_per_device 1 and 2, SGD with
-momentum 0.9, poly LR (power 0.9), the same steps, data order and initialisation (per seed) for
-each norm. Each (norm, images_per_device, seed) run is a subprocess with a time limit, so a
-stall (e.g. SyncBatchNorm on MXNet's shared CPU resources) is reported, not a hang.
+Training: 8 devices, images_per_device 1 and 2, SGD with momentum 0.9, poly LR (power 0.9), the
+same steps, data order and initialisation (per seed) for each norm. bn, pbn and gn run on 8 CPU
+contexts of ONE process (mx.cpu(0..7)); syncbn runs on 8 Horovod processes (horovodrun --gloo,
+one device each), because pbn_gluon.SyncBatchNorm on more than 4 CPU contexts of one process
+stalls in MXNet's engine (see the README); ``--syncbn-backend local`` tries it anyway. Each set
+of runs is a subprocess watched for progress, so a stall is reported, not a hang.
 
 PBN local-weight schedule (documented choice): ``pbn_gluon.schedules.Linear(start=0,
 steps=PBN_RAMP * steps)`` with PBN_RAMP = 0.25: w goes linearly from 1 (plain per-device BN)
 to 1/G = 1/8 over the first quarter of training, then stays at 1/G (group = all devices).
 
-Evaluation: val mIoU (gluoncv SegmentationMetric, 11 classes) in inference mode (running
+Evaluation: val mIoU (gluoncv SegmentationMetric, 3 classes) in inference mode (running
 statistics of device 0) at a few checkpoints; the x-axis of the plot is the training wall time
 (evaluation time excluded). Step time is the median wall time of a training step (each step
 ends with mx.nd.waitall()), measured after a warm-up.
@@ -38,6 +41,8 @@ import argparse
 import functools
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import threading
@@ -46,9 +51,11 @@ import time
 import numpy as np
 
 NORMS = ('bn', 'syncbn', 'pbn', 'gn')
-NUM_CLASSES = 11
+DIGITS = (0, 1)         # two distinct shapes: a 5-layer net learns them in 300 CPU steps
+NUM_CLASSES = len(DIGITS) + 1
 PBN_RAMP = 0.25        # fraction of the run over which PBN's local weight goes from 1 to 1/G
 CANVAS = 32
+HOROVOD_PREFIX = re.compile(r'^\[(\d+)\]<stdout>:')
 
 
 # ------------------------------------------------------------------------------------------
@@ -98,10 +105,12 @@ def make_scenes(n, seed, digits_pool, canvas=CANVAS):
 def load_data(n_train, n_val, seed):
     from sklearn.datasets import load_digits
     digits = load_digits()
+    keep = np.isin(digits.target, DIGITS)
+    images, targets = digits.images[keep], np.searchsorted(DIGITS, digits.target[keep])
     rng = np.random.RandomState(seed)
-    order = rng.permutation(len(digits.images))
+    order = rng.permutation(len(images))
     cut = int(0.7 * len(order))        # train scenes and val scenes use disjoint digit images
-    pool = lambda idx: (digits.images[idx].astype(np.float32), digits.target[idx])
+    pool = lambda idx: (images[idx].astype(np.float32), targets[idx])
     train = make_scenes(n_train, seed + 1, pool(order[:cut]))
     val = make_scenes(n_val, seed + 2, pool(order[cut:]))
     return train, val
@@ -180,7 +189,16 @@ def run_one(cfg):
     from mxnet import autograd, gluon
 
     norm, ipd, seed, steps = cfg['norm'], cfg['images_per_device'], cfg['seed'], cfg['steps']
-    ctxs = [mx.cpu(i) for i in range(cfg['contexts'])]
+    if cfg['backend'] == 'horovod':     # one device per process, this process's slice
+        import horovod.mxnet as hvd
+        hvd.init()
+        if hvd.size() != cfg['contexts']:
+            raise RuntimeError('run with %d Horovod processes, got %d'
+                               % (cfg['contexts'], hvd.size()))
+        rank, ctxs = hvd.rank(), [mx.cpu()]
+    else:
+        rank, ctxs = 0, [mx.cpu(i) for i in range(cfg['contexts'])]
+    devices = range(rank, rank + len(ctxs))
     train, val = load_data(cfg['n_train'], cfg['n_val'], cfg['data_seed'])
     mx.random.seed(seed)
     np.random.seed(seed)
@@ -188,14 +206,20 @@ def run_one(cfg):
     net.initialize(mx.init.Xavier(magnitude=2.0), ctx=ctxs)
     net.hybridize(static_alloc=True)
     sync = None
+    optimizer = {'learning_rate': cfg['lr'], 'momentum': 0.9, 'wd': 1e-4}
+    if cfg['backend'] == 'horovod':
+        hvd.broadcast_parameters(net.collect_params(), root_rank=0)
+        trainer = hvd.DistributedTrainer(net.collect_params(), 'sgd', optimizer)
+        comm = pbn_gluon.HorovodComm(ctxs[0])
+    else:
+        trainer = gluon.Trainer(net.collect_params(), 'sgd', optimizer, kvstore='device')
+        comm = pbn_gluon.LocalComm(ctxs)
     if norm in ('syncbn', 'pbn'):
-        sync = pbn_gluon.StatsSync(net, pbn_gluon.LocalComm(ctxs))
-    trainer = gluon.Trainer(net.collect_params(), 'sgd',
-                            {'learning_rate': cfg['lr'], 'momentum': 0.9, 'wd': 1e-4},
-                            kvstore='device')
+        sync = pbn_gluon.StatsSync(net, comm)
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss(axis=1)
+    report = print if rank == 0 else (lambda *a, **k: None)
 
-    batch = ipd * len(ctxs)
+    batch = ipd * cfg['contexts']     # the global batch: every device's slice of it
     rng = np.random.RandomState(1000 + seed)     # same data order for every norm of a seed
     xs, ys = train
     order, pos = rng.permutation(len(xs)), 0
@@ -208,33 +232,35 @@ def run_one(cfg):
         pos += batch
         trainer.set_learning_rate(cfg['lr'] * (1.0 - t / steps) ** 0.9)
         tic = time.time()
-        data = [mx.nd.array(xs[idx[k * ipd:(k + 1) * ipd]], ctx=c) for k, c in enumerate(ctxs)]
-        label = [mx.nd.array(ys[idx[k * ipd:(k + 1) * ipd]], ctx=c) for k, c in enumerate(ctxs)]
+        data = [mx.nd.array(xs[idx[k * ipd:(k + 1) * ipd]], ctx=c) for k, c in zip(devices, ctxs)]
+        label = [mx.nd.array(ys[idx[k * ipd:(k + 1) * ipd]], ctx=c) for k, c in zip(devices, ctxs)]
         with autograd.record():
             # all devices' forwards, no value is read in between (SyncBN meets in the engine)
             outs = [loss_fn(net(x), y) for x, y in zip(data, label)]
         autograd.backward(outs)
-        trainer.step(batch)
         if sync is not None:
-            sync.step()
+            sync.step()     # before trainer.step: its exchange overlaps the gradients'
+        trainer.step(ipd * len(ctxs))   # Horovod's trainer also divides by the process count
         mx.nd.waitall()
         dt = time.time() - tic
         train_time += dt
         step_times.append(dt)
-        if os.environ.get("DEMO_DEBUG"): print("step", t, round(dt, 4), flush=True)
         if sync is not None:
             sync.comm.check()
         if t % 10 == 0 or t == steps - 1:
             losses.append((t, float(np.mean([o.mean().asscalar() for o in outs]))))
-        if t + 1 in checkpoints:
+        if t + 1 in checkpoints and rank == 0:
             pix_acc, miou = evaluate(net, val, ctxs[0])
             curve.append({'step': t + 1, 'train_s': train_time, 'miou': miou,
                           'pix_acc': pix_acc})
         if (t + 1) % max(1, steps // 20) == 0 or t == steps - 1:
-            print('progress %d' % (t + 1), flush=True)
+            report('progress %d' % (t + 1), flush=True)
     warm = step_times[min(len(step_times) - 1, max(3, steps // 20)):]
     non_blocking, blocking = sync.exchanges_per_step if sync is not None else (0, 0)
-    return {'norm': norm, 'images_per_device': ipd, 'seed': seed, 'contexts': len(ctxs),
+    if rank != 0:
+        return None
+    return {'norm': norm, 'images_per_device': ipd, 'seed': seed, 'contexts': cfg['contexts'],
+            'backend': cfg['backend'],
             'steps': steps, 'miou': curve[-1]['miou'], 'pix_acc': curve[-1]['pix_acc'],
             'step_s': float(np.median(warm)), 'train_s': train_time,
             'blocking_exchanges_per_step': blocking,
@@ -247,7 +273,8 @@ def worker_main(cfgs_json):
     for cfg in json.loads(cfgs_json):
         print('start %d' % cfg['index'], flush=True)
         result = run_one(cfg)
-        print('result ' + json.dumps(result), flush=True)
+        if result is not None:      # rank 0 of a Horovod job, or the one local process
+            print('result ' + json.dumps(result), flush=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -262,16 +289,21 @@ def launch(cfgs, timeout, bar, on_result):
     while pending:
         env = dict(os.environ)
         env.setdefault('PBN_GLUON_TIMEOUT', str(int(max(10, timeout))))
+        env.setdefault('HOROVOD_GLOO_TIMEOUT_SECONDS', str(int(max(10, timeout))))
         cmd = [sys.executable, os.path.abspath(__file__), '--worker', json.dumps(pending)]
+        if pending[0]['backend'] == 'horovod':
+            n = pending[0]['contexts']
+            cmd = [os.path.join(os.path.dirname(sys.executable), 'horovodrun'), '-np', str(n),
+                   '-H', 'localhost:%d' % n, '--gloo'] + cmd
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                                universal_newlines=True)
+                                universal_newlines=True, start_new_session=True)
         state = {'killed': False, 'last': time.time()}
 
         def watchdog():
             while proc.poll() is None:
                 if time.time() - state['last'] > timeout:
                     state['killed'] = True
-                    proc.kill()
+                    os.killpg(proc.pid, signal.SIGKILL)     # horovodrun and its workers too
                     return
                 time.sleep(0.5)
         threading.Thread(target=watchdog, daemon=True).start()
@@ -281,6 +313,11 @@ def launch(cfgs, timeout, bar, on_result):
         current, done = None, 0
         for line in proc.stdout:
             state['last'] = time.time()
+            tagged = HOROVOD_PREFIX.match(line)     # horovodrun: "[rank]<stdout>:line"
+            if tagged:
+                if tagged.group(1) != '0':
+                    continue
+                line = line[tagged.end():]
             if line.startswith('start '):
                 index = int(line.split()[1])
                 current, done = next(c for c in pending if c['index'] == index), 0
@@ -321,25 +358,25 @@ def summarize(records, norms, ipds):
             failed = sum(1 for r in records if r['images_per_device'] == ipd
                          and r['norm'] == norm and r['status'] != 'ok')
             if not rs:
-                rows.append((norm, ipd, float('nan'), float('nan'), float('nan'), float('nan'),
-                             '-', 0, failed))
+                rows.append((norm, '-', ipd, float('nan'), float('nan'), float('nan'),
+                             float('nan'), '-', 0, failed))
                 continue
             miou = np.array([r['miou'] for r in rs])
             step = float(np.median([r['step_s'] for r in rs]))
-            rows.append((norm, ipd, miou.mean(), miou.std(), step, step / bn_step,
-                         rs[0]['blocking_exchanges_per_step'], len(rs), failed))
+            rows.append((norm, rs[0]['backend'], ipd, miou.mean(), miou.std(), step,
+                         step / bn_step, rs[0]['blocking_exchanges_per_step'], len(rs), failed))
     return rows
 
 
 def print_table(rows):
-    head = '%-7s %4s %8s  %-17s %10s %8s %9s %6s' % (
-        'norm', 'ipd', 'batch', 'val mIoU', 'step [ms]', 'vs bn', 'blocking', 'runs')
+    head = '%-7s %4s %8s %8s  %-17s %10s %8s %9s %6s' % (
+        'norm', 'ipd', 'batch', 'backend', 'val mIoU', 'step [ms]', 'vs bn', 'blocking', 'runs')
     print(head)
     print('-' * len(head))
-    for norm, ipd, mean, std, step, ratio, blocking, n, failed in rows:
+    for norm, backend, ipd, mean, std, step, ratio, blocking, n, failed in rows:
         runs = '%d' % n + (' (+%d failed)' % failed if failed else '')
-        print('%-7s %4d %8s  %-17s %10s %8s %9s %6s' % (
-            norm, ipd, '%d/dev' % ipd, '%.4f +- %.4f' % (mean, std) if n else 'n/a',
+        print('%-7s %4d %8s %8s  %-17s %10s %8s %9s %6s' % (
+            norm, ipd, '%d/dev' % ipd, backend, '%.4f +- %.4f' % (mean, std) if n else 'n/a',
             '%.1f' % (1000 * step) if n else 'n/a', '%.2fx' % ratio if n else 'n/a',
             blocking, runs))
 
@@ -385,6 +422,8 @@ def main(argv=None):
     p.add_argument('--lr', type=float, default=0.1)
     p.add_argument('--width', type=int, default=16)
     p.add_argument('--data-seed', type=int, default=0)
+    p.add_argument('--syncbn-backend', choices=['horovod', 'local'], default='horovod',
+                   help='horovod: one process per device (default); local: CPU contexts')
     p.add_argument('--timeout', type=float, default=None,
                    help='seconds without a finished step before a run is killed as stalled')
     args = p.parse_args(argv)
@@ -401,7 +440,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
 
     from tqdm import tqdm
-    runs = [dict(cfg_base, norm=n, images_per_device=i, seed=s)
+    runs = [dict(cfg_base, norm=n, images_per_device=i, seed=s,
+                 backend=args.syncbn_backend if n == 'syncbn' else 'local')
             for i in args.ipd for s in range(seeds) for n in args.norms]
     for k, run in enumerate(runs):
         run['index'] = k
