@@ -56,7 +56,8 @@ def test_demo_quick(tmp_path):
         assert r['blocking_exchanges_per_step'] == (2 * layers if r['norm'] == 'syncbn' else 0)
         assert r['curve'] and r['curve'][-1]['miou'] == r['miou']
         assert [p['train_s'] for p in r['curve']] == sorted(p['train_s'] for p in r['curve'])
-    table = [line.split() for line in stdout.splitlines() if line.split()[:1] in ([n] for n in norms)]
+    table = [cells for cells in map(str.split, stdout.splitlines())
+             if len(cells) > 2 and cells[0] in norms and cells[1].isdigit()]
     assert sorted((row[0], row[1]) for row in table) == sorted(
         (n, str(i)) for n in norms for i in (1, 2))
     with Image.open(tmp_path / 'demo.png') as image:

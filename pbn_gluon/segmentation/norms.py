@@ -6,7 +6,6 @@ one callable with its settings bound.
 """
 import functools
 
-import mxnet as mx
 from mxnet.gluon import nn
 from mxnet.gluon.contrib.nn import SyncBatchNorm as ContribSyncBatchNorm
 
@@ -14,7 +13,7 @@ from .. import schedules
 from ..progressive_norm import ProgressiveBatchNorm
 from ..sync_norm import SyncBatchNorm
 
-__all__ = ['NORMS', 'GroupNorm', 'get_norm_layer']
+__all__ = ['NORMS', 'GroupNorm', 'get_norm_layer', 'pbn_local_weight']
 
 NORMS = ('bn', 'syncbn', 'pbn', 'gn')
 
@@ -40,7 +39,7 @@ class GroupNorm(nn.HybridBlock):
                                     shape=(in_channels,), init=beta_initializer)
 
     def hybrid_forward(self, F, x, gamma, beta):
-        ones = F.ones(shape=(self._num_groups,))
+        ones = F.ones_like(F.slice_axis(gamma, axis=0, begin=0, end=self._num_groups))
         y = F.GroupNorm(x, ones, F.zeros_like(ones), num_groups=self._num_groups,
                         eps=self._epsilon)
         return F.broadcast_add(F.broadcast_mul(y, F.reshape(gamma, (1, -1, 1, 1))),
