@@ -172,6 +172,7 @@ class StatsSync:
 
     def step(self):
         """Exchange this step's statistics; call once per iteration after backward()."""
+        self.comm.check()       # raises if a SyncBatchNorm exchange timed out
         if self._stale():
             self._bind()
         t = self.step_count

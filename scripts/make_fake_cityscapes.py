@@ -1,0 +1,91 @@
+"""Write a small dataset in the Cityscapes layout, for trying the pipeline without the real data.
+
+    python scripts/make_fake_cityscapes.py --out data/fake_cityscapes --num-train 4 --size 64x128
+
+Each image is a street-like scene (sky, building, vegetation, road, sidewalk, with cars,
+people, poles and signs) painted in the class colors of the official label table plus noise,
+so the class of a pixel is learnable from its color. The labels are real Cityscapes labelIds,
+including void ones (ego vehicle, out of roi, static), next to *_gtFine_instanceIds.png.
+"""
+import argparse
+import os
+
+import numpy as np
+from cityscapesscripts.helpers.labels import name2label
+from PIL import Image
+
+TRAIN_CITIES = ('aachen', 'bochum')
+VAL_CITIES = ('frankfurt', 'lindau')
+OBJECTS = ('car', 'person', 'pole', 'traffic sign')     # painted as boxes over the scene
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description='Write a fake Cityscapes dataset.')
+    parser.add_argument('--out', required=True, help='dataset root to create')
+    parser.add_argument('--num-train', type=int, default=4, help='training images')
+    parser.add_argument('--num-val', type=int, default=2, help='validation images')
+    parser.add_argument('--size', default='64x128', help='HxW of every image')
+    parser.add_argument('--seed', type=int, default=0)
+    args = parser.parse_args()
+    args.height, args.width = (int(v) for v in args.size.lower().split('x'))
+    return args
+
+
+def scene(rng, height, width):
+    """(labelIds, instanceIds) of one street scene."""
+    labels = np.full((height, width), name2label['sky'].id, dtype=np.uint8)
+    horizon = int(height * rng.uniform(0.35, 0.5))
+    labels[int(height * rng.uniform(0.1, 0.25)):horizon] = name2label['building'].id
+    for _ in range(2):
+        x = rng.randint(0, width)
+        labels[horizon // 2:horizon, x:x + width // 6] = name2label['vegetation'].id
+    labels[horizon:] = name2label['road'].id
+    edge = horizon + (height - horizon) // 3
+    labels[horizon:edge, :width // 5] = name2label['sidewalk'].id
+    labels[height - height // 10:] = name2label['ego vehicle'].id
+    labels[:, :2] = name2label['out of roi'].id
+    instances = labels.astype(np.uint16)
+    for k in range(rng.randint(2, 5)):
+        label = name2label[OBJECTS[rng.randint(len(OBJECTS))]]
+        h = rng.randint(height // 8, height // 3)
+        w = max(2, h // 3) if label.name in ('person', 'pole') else rng.randint(h, 2 * h)
+        y = rng.randint(horizon - h // 2, max(horizon - h // 2 + 1, height - height // 10 - h))
+        x = rng.randint(0, width - w)
+        labels[y:y + h, x:x + w] = label.id
+        instances[y:y + h, x:x + w] = label.id * 1000 + k if label.hasInstances else label.id
+    y, x = rng.randint(horizon, height - 4), rng.randint(0, width - 4)
+    labels[y:y + 3, x:x + 3] = instances[y:y + 3, x:x + 3] = name2label['static'].id
+    return labels, instances
+
+
+def paint(rng, labels):
+    """RGB image: each pixel the color of its class in the label table, plus noise."""
+    palette = np.zeros((256, 3), dtype=np.float32)
+    for label in name2label.values():
+        if label.id >= 0:
+            palette[label.id] = label.color
+    image = palette[labels] + rng.normal(0, 12, labels.shape + (3,))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write(out, split, cities, count, rng, height, width):
+    for i in range(count):
+        city = cities[i % len(cities)]
+        stem = '%s_%06d_%06d' % (city, i // len(cities), 19 + i)
+        for top in ('leftImg8bit', 'gtFine'):
+            os.makedirs(os.path.join(out, top, split, city), exist_ok=True)
+        labels, instances = scene(rng, height, width)
+        gt = os.path.join(out, 'gtFine', split, city, stem)
+        Image.fromarray(paint(rng, labels)).save(
+            os.path.join(out, 'leftImg8bit', split, city, stem + '_leftImg8bit.png'))
+        Image.fromarray(labels).save(gt + '_gtFine_labelIds.png')
+        Image.fromarray(instances).save(gt + '_gtFine_instanceIds.png')
+
+
+if __name__ == '__main__':
+    args = parse_args()
+    rng = np.random.RandomState(args.seed)
+    write(args.out, 'train', TRAIN_CITIES, args.num_train, rng, args.height, args.width)
+    write(args.out, 'val', VAL_CITIES, args.num_val, rng, args.height, args.width)
+    print('wrote %d train and %d val images of %dx%d to %s'
+          % (args.num_train, args.num_val, args.height, args.width, args.out))

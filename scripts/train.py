@@ -1,0 +1,127 @@
+"""Train a DeepLab on Cityscapes with bn, syncbn, pbn or gn (GluonCV's Cityscapes recipe:
+SGD with momentum, poly learning rate, auxiliary loss).
+
+    python scripts/train.py --config configs/cityscapes_deeplabv3_r101_pbn_1img.yaml
+    python scripts/train.py --config configs/cpu_fake_pbn.yaml --set data_root=data/fake --resume
+    horovodrun -np 8 -H localhost:8 python scripts/train.py --config X.yaml \
+        --set backend=horovod gpus=1
+    python -m pbn_gluon.launch -n 2 -- python scripts/train.py --config X.yaml \
+        --set backend=kvstore
+
+Writes to the config's run_dir: metrics.jsonl (epoch, iter, loss, lr, step_s), and a checkpoint
+after every epoch; --resume continues from the last one exactly as if never stopped. With
+horovod or kvstore, the root process writes, and run_dir must be shared by every process.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import mxnet as mx
+from gluoncv.loss import MixSoftmaxCrossEntropyLoss
+from mxnet import autograd, gluon
+from tqdm import tqdm
+
+import pbn_gluon
+from pbn_gluon.segmentation import (CityscapesSegmentation, checkpoint, epoch_batches,
+                                    input_transform, load_config, model_from_config)
+from pbn_gluon.segmentation.distributed import Job
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description='Train DeepLab on Cityscapes')
+    parser.add_argument('--config', required=True, help='YAML experiment config')
+    parser.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE',
+                        help='override config keys (values in YAML syntax)')
+    parser.add_argument('--resume', action='store_true',
+                        help="continue from the run directory's last checkpoint, if any")
+    return parser.parse_args()
+
+
+def seed_epoch(seed, epoch):
+    """MXNet's random numbers (dropout) of an epoch follow from (seed, epoch), so a resumed run
+    draws what the uninterrupted one would have. (Data order and augmentation already do.)"""
+    mx.random.seed(seed * 100003 + epoch, ctx='all')
+
+
+def main():
+    args = parse_args()
+    try:
+        cfg = load_config(args.config, args.set)
+    except ValueError as err:
+        sys.exit('%s: %s' % (sys.argv[0], err))
+    job = Job(cfg.backend, cfg.gpus, cfg.devices)
+    ctx = job.contexts
+
+    # data: each global batch holds batch_size images per device of the job, in rank order
+    trainset = CityscapesSegmentation(cfg.data_root, cfg.train_split, 'train', input_transform(),
+                                      base_size=cfg.base_size, crop_size=cfg.crop_size,
+                                      seed=cfg.seed)
+    global_batch = cfg.batch_size * job.size
+    local = slice(job.rank_offset * cfg.batch_size, (job.rank_offset + len(ctx)) * cfg.batch_size)
+    iters_per_epoch = cfg.overfit_batches or len(trainset) // global_batch
+    total_iters = cfg.epochs * iters_per_epoch
+
+    # model, loss, optimizer
+    mx.random.seed(cfg.seed, ctx='all')
+    net = model_from_config(cfg, ctx, in_process=job.in_process)
+    job.broadcast(net.collect_params())
+    criterion = MixSoftmaxCrossEntropyLoss(aux=cfg.aux, aux_weight=cfg.aux_weight)
+    trainer = job.trainer(net.collect_params(), {'learning_rate': cfg.lr, 'momentum': cfg.momentum,
+                                                 'wd': cfg.weight_decay})
+    sync = pbn_gluon.StatsSync(net, job.comm) if cfg.norm in ('pbn', 'syncbn') else None
+
+    start_epoch, iteration = 0, 0
+    last = checkpoint.latest(cfg.run_dir)
+    if last and not args.resume:
+        sys.exit('%s already holds a checkpoint: add --resume, or choose another run_dir'
+                 % cfg.run_dir)
+    if last:
+        start_epoch, iteration = checkpoint.load(last, net, trainer, ctx, sync, job.comm)
+    if cfg.hybridize:
+        net.hybridize(static_alloc=True)
+    if job.is_root:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        print('%s: %s-%s, norm %s, %d device(s) x %d image(s), %d iterations per epoch, '
+              'epochs %d..%d' % (cfg.name, cfg.model, cfg.backbone, cfg.norm, job.size,
+                                 cfg.batch_size, iters_per_epoch, start_epoch, cfg.epochs - 1))
+        log = open(os.path.join(cfg.run_dir, 'metrics.jsonl'), 'a')
+
+    for epoch in range(start_epoch, cfg.epochs):
+        seed_epoch(cfg.seed, epoch)
+        data_epoch = 0 if cfg.overfit_batches else epoch     # overfit: the very same batches
+        trainset.set_epoch(data_epoch)
+        batches = epoch_batches(len(trainset), global_batch, cfg.seed, data_epoch)
+        loader = gluon.data.DataLoader(trainset, num_workers=cfg.workers, batch_sampler=[
+            batches[i % len(batches)][local] for i in range(iters_per_epoch)])
+        progress = tqdm(loader, desc='epoch %d' % epoch, disable=not job.is_root,
+                        dynamic_ncols=True)
+        for data, target in progress:
+            tic = time.time()
+            lr = cfg.lr * (1 - iteration / total_iters) ** cfg.lr_power
+            trainer.set_learning_rate(lr)
+            xs = gluon.utils.split_and_load(data, ctx)
+            ys = gluon.utils.split_and_load(target, ctx)
+            with autograd.record(True):
+                losses = [criterion(*net(x), y) for x, y in zip(xs, ys)]
+            autograd.backward(losses)
+            trainer.step(job.step_batch(cfg.batch_size))
+            if sync is not None:
+                sync.step()
+            loss = sum(l.sum().asscalar() for l in losses) / len(data)
+            iteration += 1
+            progress.set_postfix(loss='%.4f' % loss, lr='%.2e' % lr)
+            if job.is_root and (iteration % cfg.log_interval == 0 or iteration == total_iters):
+                log.write(json.dumps({'epoch': epoch, 'iter': iteration, 'loss': loss, 'lr': lr,
+                                      'step_s': round(time.time() - tic, 4)}) + '\n')
+                log.flush()
+        sync_state = checkpoint.gather_sync_state(sync, job.comm) if sync is not None else None
+        if job.is_root:
+            path = checkpoint.save(cfg.run_dir, epoch + 1, iteration, net, trainer, sync_state)
+            progress.write('epoch %d done, checkpoint %s' % (epoch, path))
+    mx.nd.waitall()
+
+
+if __name__ == '__main__':
+    main()
