@@ -1,4 +1,8 @@
 """Small nets and data shared by the tests and the multi-process worker."""
+import os
+import subprocess
+import sys
+
 import mxnet as mx
 import numpy as np
 from mxnet import gluon
@@ -34,3 +38,13 @@ def make_batch(step, devices, uneven=True):
     rng = np.random.RandomState(100 + step)
     x = rng.normal(1.0, 2.0, (sum(sizes), 3, 6, 5)).astype(np.float32)
     return x, sizes
+
+
+def make_fake_cityscapes(root, size):
+    """A small Cityscapes-format tree (4 train, 2 val images of `size` 'HxW') at `root`, written
+    by scripts/make_fake_cityscapes.py as a user would run it."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          'scripts', 'make_fake_cityscapes.py')
+    subprocess.run([sys.executable, script, '--out', str(root), '--num-train', '4',
+                    '--num-val', '2', '--size', size], check=True, capture_output=True)
+    return root

@@ -4,7 +4,6 @@ import glob
 import os
 import random
 import subprocess
-import sys
 
 import mxnet as mx
 import numpy as np
@@ -17,6 +16,7 @@ from mxnet.gluon.contrib.nn import SyncBatchNorm as ContribSyncBatchNorm
 from PIL import Image
 
 import pbn_gluon
+from common import make_fake_cityscapes
 from pbn_gluon.segmentation import (CityscapesSegmentation, GroupNorm, epoch_batches,
                                     get_norm_layer, get_segmentation_model, load_config,
                                     model_from_config, to_label_ids, to_train_ids)
@@ -28,11 +28,7 @@ PAPER_CONFIGS = sorted(glob.glob(os.path.join(REPO, 'configs', 'cityscapes_deepl
 
 @pytest.fixture(scope='module')
 def fake_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp('fake_cityscapes')
-    subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'make_fake_cityscapes.py'),
-                    '--out', str(root), '--num-train', '4', '--num-val', '2', '--size', '32x64'],
-                   check=True, capture_output=True)
-    return root
+    return make_fake_cityscapes(tmp_path_factory.mktemp('fake_cityscapes'), '32x64')
 
 
 def reference_train_id(label_id):

@@ -13,6 +13,8 @@ import mxnet as mx
 import numpy as np
 import pytest
 
+from common import make_fake_cityscapes
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 HOROVODRUN = [os.path.join(BIN, 'horovodrun'), '-np', '2', '-H', 'localhost:2', '--gloo']
@@ -20,11 +22,7 @@ HOROVODRUN = [os.path.join(BIN, 'horovodrun'), '-np', '2', '-H', 'localhost:2', 
 
 @pytest.fixture(scope='module')
 def fake_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp('fake_cityscapes')
-    subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'make_fake_cityscapes.py'),
-                    '--out', str(root), '--num-train', '4', '--num-val', '2', '--size', '64x128'],
-                   check=True, capture_output=True)
-    return root
+    return make_fake_cityscapes(tmp_path_factory.mktemp('fake_cityscapes'), '64x128')
 
 
 def train_command(config, root, run_dir, *settings):
