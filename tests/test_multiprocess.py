@@ -59,6 +59,16 @@ def local_run(norm, devices=2):
     return records
 
 
+def assert_ranks_match(ranks, local):
+    """Every rank's outputs, input and gamma gradients and running means, at every step, equal
+    those of the same device in the LocalComm run."""
+    for r in range(2):
+        for key in ('y', 'dx', 'dgamma', 'rm'):
+            for t in range(STEPS):
+                np.testing.assert_allclose(ranks[r]['%s%d' % (key, t)], local[r]['%s%d' % (key, t)],
+                                           rtol=1e-4, atol=1e-4, err_msg='%s%d rank %d' % (key, t, r))
+
+
 def concatenated_batchnorm(step_index):
     """Reference: BatchNorm on the whole batch, the conv computed by a 1-device gluon net."""
     x, sizes = make_batch(step_index, 2)
@@ -86,12 +96,7 @@ def test_syncbn_across_processes_equals_batchnorm(backend, tmp_path):
     np.testing.assert_allclose(ranks[0]['dgamma0'] + ranks[1]['dgamma0'], dgamma_ref,
                                rtol=1e-3, atol=1e-3)
     # and every step agrees with SyncBN over LocalComm, including input gradients
-    local = local_run('syncbn')
-    for r in range(2):
-        for key in ('y', 'dx', 'dgamma', 'rm'):
-            for t in range(STEPS):
-                np.testing.assert_allclose(ranks[r]['%s%d' % (key, t)], local[r]['%s%d' % (key, t)],
-                                           rtol=1e-4, atol=1e-4, err_msg='%s%d rank %d' % (key, t, r))
+    assert_ranks_match(ranks, local_run('syncbn'))
 
 
 @pytest.mark.timeout(300)
@@ -99,12 +104,7 @@ def test_syncbn_across_processes_equals_batchnorm(backend, tmp_path):
 def test_pbn_across_processes_matches_localcomm(backend, tmp_path):
     result = run_workers(backend, 'pbn', tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ranks, local = load(tmp_path), local_run('pbn')
-    for r in range(2):
-        for key in ('y', 'dx', 'dgamma', 'rm'):
-            for t in range(STEPS):
-                np.testing.assert_allclose(ranks[r]['%s%d' % (key, t)], local[r]['%s%d' % (key, t)],
-                                           rtol=1e-4, atol=1e-4, err_msg='%s%d rank %d' % (key, t, r))
+    assert_ranks_match(load(tmp_path), local_run('pbn'))
 
 
 @pytest.mark.timeout(300)
