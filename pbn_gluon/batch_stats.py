@@ -110,7 +110,8 @@ class BatchStatsNorm(nn.BatchNorm):
     running_mean, running_var), so checkpoints move freely between the two.
 
     Subclasses define ``_train_moments(F, mean, var, count, **state)`` returning the moments to
-    normalise with and the (3, C) sums from which StatsSync updates the running statistics."""
+    normalise with, the (3, C) sums from which StatsSync updates the running statistics and a
+    (C,) training flag (see ``training_flag``)."""
 
     def __init__(self, axis=1, momentum=0.9, epsilon=1e-5, center=True, scale=True,
                  use_global_stats=False, beta_initializer='zeros', gamma_initializer='ones',
@@ -168,14 +169,13 @@ class BatchStatsNorm(nn.BatchNorm):
             gamma = F.ones_like(gamma)
         if not self._use_global_stats:
             mean, var, count = batch_moments(F, channel_major(F, x, self._axis))
-            mu, sigma2, sums = self._train_moments(F, mean, var, count, **state)
+            mu, sigma2, sums, training = self._train_moments(F, mean, var, count, **state)
             scale = gamma * F.rsqrt(sigma2 + self._epsilon)
             shift = F.broadcast_add(beta - mu * scale,
                                     stash(F, sums, batch_sums, batch_sums_scratch))
             # y = scale x + shift, written for the inference operator below
             gamma_train = scale * F.sqrt(running_var + self._epsilon)
             beta_train = shift + scale * running_mean
-            training = training_flag(F, mean)
             gamma = F.where(training, gamma_train, gamma)
             beta = F.where(training, beta_train, beta)
         # MXNet's fused inference BatchNorm: gamma (x - running_mean) / sqrt(running_var + eps)

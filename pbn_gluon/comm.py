@@ -25,6 +25,26 @@ __all__ = ['Comm', 'LocalComm', 'KVStoreComm', 'HorovodComm']
 #: seconds the devices of a process have to meet at a SyncBatchNorm layer before it fails
 RENDEZVOUS_TIMEOUT = float(os.environ.get('PBN_GLUON_TIMEOUT', '300'))
 
+#: MXNET_CPU_TEMP_COPY per CPU context that SyncBatchNorm in one process asks for
+TEMP_COPIES_PER_CPU_CONTEXT = 2048
+
+CPU_TEMP_COPY_ADVICE = (
+    'All CPU contexts of a process share MXNet\'s temp-space copies (MXNET_CPU_TEMP_COPY, '
+    'default 4), handed out round-robin to graph nodes; two devices\' nodes on one copy run in '
+    'push order, and across a SyncBatchNorm exchange that order can wait on itself. Set '
+    'MXNET_CPU_TEMP_COPY=%d (%d per context) before importing mxnet, or use one process per '
+    'device (Horovod).')
+
+
+def cpu_temp_copy_advice(contexts):
+    """None, or why SyncBatchNorm on these contexts of one process may stall (the shared CPU
+    temp-space copies are too few)."""
+    cpu = [c for c in contexts if c.device_type == 'cpu']
+    wanted = TEMP_COPIES_PER_CPU_CONTEXT * len(cpu)
+    if len(cpu) < 2 or int(os.environ.get('MXNET_CPU_TEMP_COPY', '4')) >= wanted:
+        return None
+    return CPU_TEMP_COPY_ADVICE % (wanted, TEMP_COPIES_PER_CPU_CONTEXT)
+
 
 class Comm:
     """Interface of a backend. Subclasses set contexts, size, rank_offset and implement
@@ -122,10 +142,12 @@ class Meeting:
         if entry is None:
             return
         missing = [i for i, c in enumerate(entry['copies']) if c is None]
+        advice = cpu_temp_copy_advice(self.comm.contexts)
         self.failure = TimeoutError(
             'device(s) %s of %s did not reach %s within %.0f s (round %d): every device of the '
-            'process must run the forward and backward of each step'
-            % (missing, self.comm.contexts, key[0], self.timeout, key[1]))
+            'process must run the forward and backward of each step.%s'
+            % (missing, self.comm.contexts, key[0], self.timeout, key[1],
+               ' ' + advice if advice else ''))
         sys.stderr.write('pbn_gluon: %s\n' % self.failure)
         for reservation in entry['reserved'].values():
             engine.release(reservation)

@@ -11,7 +11,7 @@ asynchronously by StatsSync):
 Gradients flow through m and v only; M, V and w are inputs of the graph. w = 1 gives plain
 BatchNorm, forward and backward.
 """
-from .batch_stats import BatchStatsNorm, moments_to_sums, sums_to_moments
+from .batch_stats import BatchStatsNorm, moments_to_sums, sums_to_moments, training_flag
 from .schedules import local_weight_schedule, group_size_schedule
 
 __all__ = ['ProgressiveBatchNorm']
@@ -82,7 +82,7 @@ class ProgressiveBatchNorm(BatchStatsNorm):
         mu = mean - F.broadcast_mul(rest, diff)
         sigma2 = F.broadcast_mul(w, var) + F.broadcast_mul(
             rest, g_var + F.broadcast_mul(w, F.square(diff)))
-        return mu, sigma2, sums
+        return mu, sigma2, sums, training_flag(F, mean)
 
     def __repr__(self):
         return '%s, local_weight=%r, group_size=%r)' % (

@@ -13,12 +13,14 @@ At step t (after backward), for the layers of a net:
 
 All of it is pushed to the engine; nothing here waits for a device.
 """
+import warnings
 import zlib
 
 import numpy as np
 from mxnet import ndarray as nd
 
 from .batch_stats import BatchStatsNorm
+from .comm import cpu_temp_copy_advice
 from .progressive_norm import ProgressiveBatchNorm
 from .sync_norm import SyncBatchNorm, attach, exchange_tag
 
@@ -71,6 +73,10 @@ class StatsSync:
         self.syncbn = [l for l in self.layers if isinstance(l, SyncBatchNorm)]
         for index, layer in enumerate(self.syncbn):
             attach(layer, comm, index)
+        advice = cpu_temp_copy_advice(comm.contexts) if self.syncbn else None
+        if advice:
+            warnings.warn('SyncBatchNorm on %d CPU contexts of one process may stall. %s'
+                          % (len(comm.contexts), advice))
         for layer in self.pbn:
             layer.check_devices(comm.size)
         self._prepare_syncbn()

@@ -6,7 +6,8 @@ CURRENT batch:
     mu = S_1 / S_n,  var = S_2 / S_n - mu^2,  y = gamma (x - mu) / sqrt(var + eps) + beta
 
 The sum over devices is a custom operator whose backward is again a sum over devices, so
-autograd yields BatchNorm's gradient on the concatenated batch. That costs two blocking
+autograd yields BatchNorm's gradient on the concatenated batch. The operator also outputs the
+engine's training mode, which selects between these moments and the running statistics. That costs two blocking
 exchanges per layer and step (forward and backward): the price PBN avoids.
 
 Unlike mxnet.gluon.contrib.nn.SyncBatchNorm, nothing waits: the custom operator only pushes
@@ -54,6 +55,8 @@ class _DeviceSum(mx.operator.CustomOp):
         self._uid, self._device = uid, device
 
     def forward(self, is_train, req, in_data, out_data, aux):
+        # the second output tells the graph the engine's mode (no random numbers needed)
+        self.assign(out_data[1], req[1], mx.nd.full((1,), float(is_train), out_data[1].context))
         if is_train:
             _exchange(self._uid, self._device, 'fwd', in_data[0], out_data[0], req[0], self)
         else:  # inference uses the running statistics; the sums are not needed
@@ -73,10 +76,10 @@ class _DeviceSumProp(mx.operator.CustomOpProp):
         return ['data']
 
     def list_outputs(self):
-        return ['output']
+        return ['output', 'training']
 
     def infer_shape(self, in_shape):
-        return in_shape, [in_shape[0]], []
+        return in_shape, [in_shape[0], (1,)], []
 
     def declare_backward_dependency(self, out_grad, in_data, out_data):
         return [out_grad[0]]
@@ -102,7 +105,7 @@ class SyncBatchNorm(BatchStatsNorm):
         self.uid = '%s#%d' % (self.name, SyncBatchNorm._uids)
 
     def _train_moments(self, F, mean, var, count):
-        sums = F.Custom(moments_to_sums(F, mean, var, count), uid=self.uid,
-                        op_type='pbn_gluon_device_sum')
+        sums, training = F.Custom(moments_to_sums(F, mean, var, count), uid=self.uid,
+                                  op_type='pbn_gluon_device_sum')
         g_mean, g_var = sums_to_moments(F, sums)
-        return g_mean, g_var, sums
+        return g_mean, g_var, sums, F.broadcast_mul(training, F.ones_like(mean))

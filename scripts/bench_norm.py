@@ -251,6 +251,9 @@ def run_config(args, backend, norm, devices):
     env = dict(os.environ, PBN_GLUON_TIMEOUT=str(args.timeout), PYTHONUNBUFFERED='1')
     # a stalled exchange of the library must not outlive the configuration's time limit
     env.setdefault('HOROVOD_GLOO_TIMEOUT_SECONDS', str(int(args.timeout)))
+    if norm == 'syncbn' and backend == 'local':     # see pbn_gluon.comm.cpu_temp_copy_advice
+        from pbn_gluon.comm import TEMP_COPIES_PER_CPU_CONTEXT
+        env.setdefault('MXNET_CPU_TEMP_COPY', str(TEMP_COPIES_PER_CPU_CONTEXT * devices))
     cmd = worker_command(args, backend, norm, devices, result)
     tic = time.time()
     try:
@@ -277,7 +280,9 @@ def run_config(args, backend, norm, devices):
         record['status'] = status if status != 'ok' else 'failed (no result)'
         record['step_s'] = None
         tail = output.decode('utf-8', 'replace').strip().splitlines()[-15:]
-        record['error'] = '\n'.join(tail)
+        # the results file is shared: no paths of this machine in it
+        record['error'] = '\n'.join(tail).replace(sys.prefix, '<venv>').replace(
+            os.getcwd(), '.')
         if backend == 'horovod':
             sys.stderr.write('\nbench_norm: horovodrun (%s) %s; continuing with the other '
                              'results. Last output:\n%s\n' % (norm, record['status'],

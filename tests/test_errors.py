@@ -67,3 +67,17 @@ def test_launcher_stops_the_job_when_a_worker_dies():
     # the launcher numbers its processes; ps-lite assigns ranks in its own order
     assert re.search(r'worker \d exited with 3; stopping the job', result.stderr), result.stderr
     assert time.time() - start < 100
+
+
+def test_syncbn_on_cpu_contexts_warns_when_temp_copies_are_too_few(monkeypatch):
+    """Too few MXNet CPU temp-space copies let devices of one process wait on each other."""
+    ctxs = [mx.cpu(i) for i in range(8)]
+    monkeypatch.setenv('MXNET_CPU_TEMP_COPY', '4')
+    assert 'MXNET_CPU_TEMP_COPY=16384' in pbn_gluon.comm.cpu_temp_copy_advice(ctxs)
+    assert pbn_gluon.comm.cpu_temp_copy_advice(ctxs[:1]) is None    # one device: no exchange
+    layer = pbn_gluon.SyncBatchNorm(in_channels=3)
+    layer.initialize(ctx=ctxs[:2])
+    with pytest.warns(UserWarning, match='MXNET_CPU_TEMP_COPY=4096'):
+        pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs[:2]))
+    monkeypatch.setenv('MXNET_CPU_TEMP_COPY', '16384')
+    assert pbn_gluon.comm.cpu_temp_copy_advice(ctxs) is None

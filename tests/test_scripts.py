@@ -55,6 +55,8 @@ def test_demo_quick(tmp_path):
         assert math.isfinite(r['final_loss'])
         assert r['blocking_exchanges_per_step'] == (2 * layers if r['norm'] == 'syncbn' else 0)
         assert r['curve'] and r['curve'][-1]['miou'] == r['miou']
+        assert r['backend'] == 'local'      # every norm on CPU contexts of one process
+        assert r['pbn_final_weight'] == (0.5 if r['norm'] == 'pbn' else None)
         assert [p['train_s'] for p in r['curve']] == sorted(p['train_s'] for p in r['curve'])
     table = [cells for cells in map(str.split, stdout.splitlines())
              if len(cells) > 2 and cells[0] in norms and cells[1].isdigit()]

@@ -11,12 +11,12 @@ from test_progressive_norm import BETA, C, EPS, GAMMA, batches, build, step
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize('devices,hybridize', [(2, False), (4, True)])
+@pytest.mark.parametrize('devices,hybridize', [(2, False), (8, True)])
 def test_syncbn_equals_batchnorm_on_concatenated_batch(devices, hybridize):
     ctxs = [mx.cpu(i) for i in range(devices)]
     layer = build(pbn_gluon.SyncBatchNorm(in_channels=C), ctxs, hybridize)
     sync = pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs))
-    sizes = [2, 1, 3, 2][:devices]
+    sizes = [2, 1, 3, 2, 1, 2, 3, 1][:devices]
     bn = build(gluon.nn.BatchNorm(in_channels=C), [mx.cpu()], hybridize)
     for t in range(2):
         xs, dys = batches(sizes, t)
