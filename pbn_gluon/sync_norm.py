@@ -6,9 +6,9 @@ CURRENT batch:
     mu = S_1 / S_n,  var = S_2 / S_n - mu^2,  y = gamma (x - mu) / sqrt(var + eps) + beta
 
 The sum over devices is a custom operator whose backward is again a sum over devices, so
-autograd yields BatchNorm's gradient on the concatenated batch. The operator also outputs the
-engine's training mode, which selects between these moments and the running statistics. That costs two blocking
-exchanges per layer and step (forward and backward): the price PBN avoids.
+autograd yields BatchNorm's gradient on the concatenated batch. That costs two blocking
+exchanges per layer and step (forward and backward): the price PBN avoids. The operator also
+outputs the engine's training mode, which picks these moments or the running statistics.
 
 Unlike mxnet.gluon.contrib.nn.SyncBatchNorm, nothing waits: the custom operator only pushes
 engine operations (the devices of one process meet through pbn_gluon.engine's deferred writes),
