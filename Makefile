@@ -16,7 +16,9 @@ $(VENV)/.ready: requirements.txt
 	  PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(HOROVOD_ENV) \
 	  $(PY) -m pip install --quiet --no-build-isolation --no-cache-dir horovod==0.28.1
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
-	$(PY) -c "import mxnet, gluoncv, horovod.mxnet; print('venv ready: mxnet', mxnet.__version__)"
+	$(PY) -c "import mxnet, gluoncv, horovod.mxnet, pbn_gluon.ops as ops; \
+	  print('venv ready: mxnet', mxnet.__version__, '| pbn_gluon operators:', ops.load(), \
+	        '(CUDA)' if ops.cuda_enabled() else '(CPU only)')"
 	touch $@
 
 test: venv

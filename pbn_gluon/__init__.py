@@ -6,7 +6,7 @@
     ... forward / backward / trainer.step(...) ...; sync.step()
 """
 
-from . import schedules
+from . import ops, schedules
 from .comm import Comm, LocalComm, KVStoreComm, HorovodComm
 from .progressive_norm import ProgressiveBatchNorm
 from .sync_norm import SyncBatchNorm
@@ -16,4 +16,4 @@ from .convert import convert_norm
 __version__ = '0.1.0'
 
 __all__ = ['ProgressiveBatchNorm', 'SyncBatchNorm', 'StatsSync', 'convert_norm',
-           'find_norm_layers', 'Comm', 'LocalComm', 'KVStoreComm', 'HorovodComm', 'schedules']
+           'find_norm_layers', 'Comm', 'LocalComm', 'KVStoreComm', 'HorovodComm', 'ops', 'schedules']

@@ -1,85 +1,29 @@
-"""The part ProgressiveBatchNorm and SyncBatchNorm share: a BatchNorm whose batch moments are
-chosen by a subclass, with BatchNorm's saved parameters and inference path.
+"""The part ProgressiveBatchNorm and SyncBatchNorm share: a BatchNorm that runs on the fused
+``pbn_batch_norm`` operator (pbn_gluon/csrc, loaded by pbn_gluon.ops), with BatchNorm's saved
+parameters and inference path.
 
-Per channel, with x seen as (A, C, B) (channel axis in the middle):
+Per channel, with x seen as (A, C, B) around the channel axis:
 
-    train:  y = gamma * (x - mu) / sqrt(var + eps) + beta,  (mu, var) from ``_train_moments``
-    infer:  y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta
+    train:  y = gamma (x - mu) / sqrt(var + eps) + beta,  (mu, var) from this batch's moments
+            and the group sums that the subclass hands in (docs/pbn-spec.md)
+    infer:  y = gamma (x - running_mean) / sqrt(running_var + eps) + beta
 
-Both run through MXNet's fused inference BatchNorm operator: training rewrites (gamma, beta) so
-that it computes the train formula, picked at run time by the engine's training flag, so a
-single traced graph serves ``autograd.record()`` and inference alike, like BatchNorm does.
-
-The layer also writes a (3, C) array of per-channel sums [sum x, sum x^2, count] into its
-``batch_sums`` state during the backward pass (through the aux state of a tiny BatchNorm operator
-with momentum 0). StatsSync reads them after the step: this is how the moments leave a
-hybridized graph without an extra device synchronisation.
+One operator does it in two passes over x (sums, then y) and, in training, writes this batch's
+[sum x, sum x^2, count] into the layer's ``batch_sums`` state, an auxiliary input it mutates
+the way BatchNorm updates its moving statistics. StatsSync reads them from there after the step:
+the moments leave a hybridized graph without a device synchronisation, with or without a
+backward pass. The mode comes in as data (``is_inference``, 1 exactly in inference), since
+extension operators do not see MXNet's training flag.
 """
+import numpy as np
 from mxnet import ndarray as nd
 from mxnet.gluon import Parameter, nn
 
+from . import ops
+
 __all__ = ['BatchStatsNorm']
 
-
-def channel_major(F, x, axis):
-    """x as a 3-d (A, C, B) array with the channel axis in the middle (a view, no copy)."""
-    if axis == 1:
-        return F.reshape(x, (0, 0, -1))
-    if axis == -1:
-        return F.reshape(F.reshape(x, (-1, 0), reverse=True), (0, 0, 1))
-    return F.reshape(F.swapaxes(x, 1, axis), (0, 0, -1))
-
-
-def batch_moments(F, x3):
-    """Per-channel mean, biased variance and element count n (shape (1,)) of x3 = (A, C, B).
-
-    The sums over B are matrix products with a ones vector (BLAS): on CPU several times faster
-    than MXNet's reduction kernels, forward and backward."""
-    shape = F.shape_array(x3)
-    count = F.slice_axis(shape, axis=0, begin=0, end=1) * F.slice_axis(shape, axis=0, begin=2, end=3)
-    count = F.BlockGrad(F.cast(count, 'float32'))
-    ones = F.reshape(F.ones_like(F.slice_axis(x3, axis=1, begin=0, end=1)), (0, -1, 1))
-    total = lambda v: F.reshape(F.sum(F.batch_dot(v, ones), axis=0), (-1,))    # (C,)
-    mean = F.broadcast_div(total(x3), count)
-    var = F.relu(F.broadcast_div(total(F.square(x3)), count) - F.square(mean))
-    return mean, var, count
-
-
-def moments_to_sums(F, mean, var, count):
-    """(3, C) array [n mean, n (var + mean^2), n]: sums that add up across devices."""
-    return F.stack(F.broadcast_mul(mean, count),
-                   F.broadcast_mul(var + F.square(mean), count),
-                   F.broadcast_mul(F.ones_like(mean), count), axis=0)
-
-
-def sums_to_moments(F, sums):
-    """Mean and biased variance from (3, C) sums; zero sums (no data yet) give mean 0, var 0."""
-    count = F.maximum(F.slice_axis(sums, axis=0, begin=2, end=3), 1.0)
-    mean = F.reshape(F.slice_axis(sums, axis=0, begin=0, end=1) / count, (-1,))
-    square = F.reshape(F.slice_axis(sums, axis=0, begin=1, end=2) / count, (-1,))
-    return mean, F.relu(square - F.square(mean))
-
-
-def stash(F, sums, buffer, scratch):
-    """Make the backward pass write `sums` into the aux state `buffer`; returns an exact 0 of
-    shape (1,) to add into the graph so the stash is kept.
-
-    BatchNorm over the two identical rows [s; s] with momentum 0 sets its moving mean to s
-    exactly and normalises to 0; MXNet updates aux states in the backward pass."""
-    row = F.reshape(sums, (1, -1))
-    ones = F.ones_like(F.reshape(sums, (-1,)))
-    out = F.BatchNorm(F.concat(row, row, dim=0), ones, F.zeros_like(ones), buffer, scratch,
-                      momentum=0.0, eps=1e-5, fix_gamma=True, use_global_stats=False, axis=1,
-                      cudnn_off=True)
-    return F.sum(out)
-
-
-def training_flag(F, like):
-    """1 where the engine is in training mode (autograd.record()), 0 in inference; shape of `like`.
-
-    Dropout(p=0.5) of ones is 0 or 2 when training and exactly 1 otherwise."""
-    ones = F.ones_like(like)
-    return F.broadcast_not_equal(F.Dropout(ones, p=0.5, cudnn_off=True), ones)
+ops.load()
 
 
 class StateParameter(Parameter):
@@ -109,9 +53,11 @@ class BatchStatsNorm(nn.BatchNorm):
     mxnet.gluon.nn.BatchNorm; its saved parameters are exactly BatchNorm's (gamma, beta,
     running_mean, running_var), so checkpoints move freely between the two.
 
-    Subclasses define ``_train_moments(F, mean, var, count, **state)`` returning the moments to
-    normalise with, the (3, C) sums from which StatsSync updates the running statistics and a
-    (C,) training flag (see ``training_flag``)."""
+    Subclasses define ``_group_inputs(F, x, batch_sums, **state)`` returning the operator's
+    (group_sums, local_weight, is_inference) inputs, and set ``local_stats`` (True: PBN mixes
+    this batch's moments in; False: SyncBN normalises with the group sums alone)."""
+
+    local_stats = True
 
     def __init__(self, axis=1, momentum=0.9, epsilon=1e-5, center=True, scale=True,
                  use_global_stats=False, beta_initializer='zeros', gamma_initializer='ones',
@@ -126,7 +72,6 @@ class BatchStatsNorm(nn.BatchNorm):
         self._axis, self._epsilon, self._momentum = axis, epsilon, momentum
         self._scale, self._use_global_stats = scale, use_global_stats
         self.batch_sums = self._state_param('batch_sums', (3 * in_channels,))
-        self.batch_sums_scratch = self._state_param('batch_sums_scratch', (3 * in_channels,))
 
     def _state_param(self, name, shape, init='zeros'):
         param = StateParameter(self.params.prefix + name, owner=self.running_mean,
@@ -162,28 +107,22 @@ class BatchStatsNorm(nn.BatchNorm):
         if channels and x.shape[axis] != channels:
             raise ValueError('%s has %d channels but its input of shape %s has %d on axis %d'
                              % (self.name, channels, x.shape, x.shape[axis], self._axis))
+        if np.dtype(x.dtype) != np.float32:
+            raise TypeError('%s runs on float32 inputs, got %s' % (self.name, x.dtype))
+        if x.context.device_type == 'gpu' and not ops.cuda_enabled():
+            raise RuntimeError('%s got an input on %s, but pbn_gluon\'s operators were built '
+                               'for CPU only (a CUDA build of MXNet and nvcc are needed; see '
+                               'pbn_gluon.ops)' % (self.name, x.context))
 
-    def hybrid_forward(self, F, x, gamma, beta, running_mean, running_var,
-                       batch_sums, batch_sums_scratch, **state):
-        if not self._scale:
-            gamma = F.ones_like(gamma)
-        if not self._use_global_stats:
-            mean, var, count = batch_moments(F, channel_major(F, x, self._axis))
-            mu, sigma2, sums, training = self._train_moments(F, mean, var, count, **state)
-            scale = gamma * F.rsqrt(sigma2 + self._epsilon)
-            shift = F.broadcast_add(beta - mu * scale,
-                                    stash(F, sums, batch_sums, batch_sums_scratch))
-            # y = scale x + shift, written for the inference operator below
-            gamma_train = scale * F.sqrt(running_var + self._epsilon)
-            beta_train = shift + scale * running_mean
-            gamma = F.where(training, gamma_train, gamma)
-            beta = F.where(training, beta_train, beta)
-        # MXNet's fused inference BatchNorm: gamma (x - running_mean) / sqrt(running_var + eps)
-        # + beta in one pass, and its backward gives the gamma and beta gradients in the same
-        # pass (several times faster on CPU than broadcast_mul and broadcast_add)
-        return F.BatchNorm(x, gamma, beta, running_mean, running_var, eps=self._epsilon,
-                           fix_gamma=False, use_global_stats=True, axis=self._axis,
-                           cudnn_off=True)
+    def hybrid_forward(self, F, x, gamma, beta, running_mean, running_var, batch_sums, **state):
+        if self._use_global_stats:
+            return F.BatchNorm(x, gamma, beta, running_mean, running_var, eps=self._epsilon,
+                               fix_gamma=not self._scale, use_global_stats=True, axis=self._axis)
+        group_sums, local_weight, is_inference = self._group_inputs(F, x, batch_sums, **state)
+        return F.pbn_batch_norm(x, gamma, beta, running_mean, running_var, group_sums,
+                                local_weight, is_inference, batch_sums, axis=self._axis,
+                                eps=self._epsilon, fix_gamma=not self._scale,
+                                local_stats=self.local_stats)[0]
 
-    def _train_moments(self, F, mean, var, count, **state):
+    def _group_inputs(self, F, x, batch_sums, **state):
         raise NotImplementedError

@@ -9,9 +9,11 @@ asynchronously by StatsSync):
     y   = gamma (x - mu) / sqrt(var + eps) + beta
 
 Gradients flow through m and v only; M, V and w are inputs of the graph. w = 1 gives plain
-BatchNorm, forward and backward.
+BatchNorm, forward and backward; so does a step with no group sums yet (the first one).
+A layer is three operators: ``pbn_batch_norm`` (two passes over memory forward, two backward)
+and a one-element ``ones_like`` + ``Dropout`` that tells it the engine's mode.
 """
-from .batch_stats import BatchStatsNorm, moments_to_sums, sums_to_moments, training_flag
+from .batch_stats import BatchStatsNorm
 from .schedules import local_weight_schedule, group_size_schedule
 
 __all__ = ['ProgressiveBatchNorm']
@@ -72,17 +74,10 @@ class ProgressiveBatchNorm(BatchStatsNorm):
                 raise ValueError('%s: group size %r does not divide the %d devices of the job'
                                  % (self.name, size, num_devices))
 
-    def _train_moments(self, F, mean, var, count, global_sums, local_weight):
-        sums = moments_to_sums(F, mean, var, count)
-        # elemwise_add ties global_sums' shape to the local sums for deferred shape inference
-        g_mean, g_var = sums_to_moments(F, F.elemwise_add(global_sums, F.zeros_like(sums)))
-        w = local_weight
-        rest = 1.0 - w
-        diff = mean - g_mean
-        mu = mean - F.broadcast_mul(rest, diff)
-        sigma2 = F.broadcast_mul(w, var) + F.broadcast_mul(
-            rest, g_var + F.broadcast_mul(w, F.square(diff)))
-        return mu, sigma2, sums, training_flag(F, mean)
+    def _group_inputs(self, F, x, batch_sums, global_sums, local_weight):
+        # Dropout of a one is 0 or 2 while training and exactly 1 in inference
+        is_inference = F.Dropout(F.ones_like(local_weight), p=0.5, cudnn_off=True)
+        return global_sums, local_weight, is_inference
 
     def __repr__(self):
         return '%s, local_weight=%r, group_size=%r)' % (

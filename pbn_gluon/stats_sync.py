@@ -18,9 +18,10 @@ import zlib
 
 import numpy as np
 from mxnet import ndarray as nd
+from mxnet.gluon import HybridBlock
 
 from .batch_stats import BatchStatsNorm
-from .comm import cpu_temp_copy_advice
+from .comm import cpu_resource_advice
 from .progressive_norm import ProgressiveBatchNorm
 from .sync_norm import SyncBatchNorm, attach, exchange_tag
 
@@ -44,6 +45,13 @@ def find_norm_layers(net):
             visit(child)
     visit(net)
     return found
+
+
+def _clear_cached_graphs(block):
+    if isinstance(block, HybridBlock):
+        block._clear_cached_op()
+    for child in block._children.values():
+        _clear_cached_graphs(child)
 
 
 class StatsSync:
@@ -73,7 +81,9 @@ class StatsSync:
         self.syncbn = [l for l in self.layers if isinstance(l, SyncBatchNorm)]
         for index, layer in enumerate(self.syncbn):
             attach(layer, comm, index)
-        advice = cpu_temp_copy_advice(comm.contexts) if self.syncbn else None
+        if self.syncbn:     # a SyncBatchNorm's graph depends on its communicator
+            _clear_cached_graphs(net)
+        advice = cpu_resource_advice(comm.contexts) if self.syncbn else None
         if advice:
             warnings.warn('SyncBatchNorm on %d CPU contexts of one process may stall. %s'
                           % (len(comm.contexts), advice))
@@ -149,12 +159,13 @@ class StatsSync:
             offset += c
         self._bound = bound
 
-        # gather indices of [S_1, S_2, S_n] per channel in the stats buffer, and momenta
+        # where [S_1, S_2, S_n] of every channel sit in the stats buffer, and the momenta
         starts = np.repeat(3 * np.cumsum([0] + channels[:-1]), channels)
         within = np.concatenate([np.arange(c) for c in channels])
+        rows = np.repeat(channels, channels)
+        gather = np.stack([starts + within + k * rows for k in range(3)]).astype(np.float32)
         momentum = np.repeat([l.momentum for l in order], channels)
-        self._index = [[nd.array(starts + within + k * np.repeat(channels, channels), ctx=c)
-                        for k in range(3)] for c in ctxs]
+        self._gather = [nd.array(gather, ctx=c) for c in ctxs]
         self._momentum = [nd.array(momentum, ctx=c) for c in ctxs]
         self._pbn_size = 3 * sum(pbn_channels)
         self._pbn_channels = pbn_channels
@@ -217,14 +228,9 @@ class StatsSync:
         return self._group_masks[key]
 
     def _update_running(self):
-        for i in range(len(self.comm.contexts)):
-            s1, s2, sn = (nd.take(self.stats[i], idx) for idx in self._index[i])
-            count = nd.maximum(sn, 1.0)
-            mean = s1 / count
-            var = nd.relu(s2 / count - nd.square(mean))
-            m = self._momentum[i]
-            self.running_mean[i][:] = m * self.running_mean[i] + (1 - m) * mean
-            self.running_var[i][:] = m * self.running_var[i] + (1 - m) * var
+        for i in range(len(self.comm.contexts)):      # one fused operator per device
+            nd.pbn_running_update(self.stats[i], self._gather[i], self._momentum[i],
+                                  self.running_mean[i], self.running_var[i])
 
     def _set_weights(self, t):
         if not self.pbn:

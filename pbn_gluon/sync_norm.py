@@ -5,10 +5,13 @@ CURRENT batch:
 
     mu = S_1 / S_n,  var = S_2 / S_n - mu^2,  y = gamma (x - mu) / sqrt(var + eps) + beta
 
-The sum over devices is a custom operator whose backward is again a sum over devices, so
-autograd yields BatchNorm's gradient on the concatenated batch. That costs two blocking
-exchanges per layer and step (forward and backward): the price PBN avoids. The operator also
-outputs the engine's training mode, which picks these moments or the running statistics.
+A layer is three operators on the same kernels as ProgressiveBatchNorm's: ``pbn_batch_sums``
+(one pass over x), the sum over devices (a custom operator, whose backward is again a sum over
+devices), and ``pbn_batch_norm`` normalising with the group sums (one pass; backward: a
+reduction pass for [sum dy, sum dy xhat] and an elementwise pass). Autograd through the three
+yields BatchNorm's gradient on the concatenated batch. That costs two blocking exchanges per
+layer and step (forward and backward): the price PBN avoids. The custom operator also tells
+the graph the engine's mode, which picks these moments or the running statistics.
 
 Unlike mxnet.gluon.contrib.nn.SyncBatchNorm, nothing waits: the custom operator only pushes
 engine operations (the devices of one process meet through pbn_gluon.engine's deferred writes),
@@ -17,7 +20,7 @@ KVStore dist_sync) on any device.
 """
 import mxnet as mx
 
-from .batch_stats import BatchStatsNorm, moments_to_sums, sums_to_moments
+from .batch_stats import BatchStatsNorm
 
 __all__ = ['SyncBatchNorm']
 
@@ -55,10 +58,13 @@ class _DeviceSum(mx.operator.CustomOp):
         self._uid, self._device = uid, device
 
     def forward(self, is_train, req, in_data, out_data, aux):
-        # the second output tells the graph the engine's mode (no random numbers needed)
-        self.assign(out_data[1], req[1], mx.nd.full((1,), float(is_train), out_data[1].context))
+        # the second output tells pbn_batch_norm the engine's mode (1: inference)
+        self.assign(out_data[1], req[1], mx.nd.full((1,), float(not is_train),
+                                                    out_data[1].context))
         if is_train:
             _exchange(self._uid, self._device, 'fwd', in_data[0], out_data[0], req[0], self)
+            # the group sums, for StatsSync's update of the running statistics
+            self.assign(aux[0], 'write', out_data[0].reshape(aux[0].shape))
         else:  # inference uses the running statistics; the sums are not needed
             self.assign(out_data[0], req[0], in_data[0])
 
@@ -76,10 +82,14 @@ class _DeviceSumProp(mx.operator.CustomOpProp):
         return ['data']
 
     def list_outputs(self):
-        return ['output', 'training']
+        return ['output', 'is_inference']
+
+    def list_auxiliary_states(self):
+        return ['batch_sums']
 
     def infer_shape(self, in_shape):
-        return in_shape, [in_shape[0], (1,)], []
+        sums = in_shape[0]
+        return [sums], [sums, (1,)], [(sums[0] * sums[1],)]
 
     def declare_backward_dependency(self, out_grad, in_data, out_data):
         return [out_grad[0]]
@@ -88,15 +98,22 @@ class _DeviceSumProp(mx.operator.CustomOpProp):
         return _DeviceSum(self._uid, ctx)
 
 
+def _meets_in_host_memory(uid):
+    """True when the layer's devices are several CPU contexts of this process."""
+    comm = _ATTACHED.get(uid, (None,))[0]
+    return comm is not None and sum(c.device_type == 'cpu' for c in comm.contexts) > 1
+
+
 class SyncBatchNorm(BatchStatsNorm):
     """Synchronous BatchNorm across every device of a pbn_gluon.comm backend.
 
     Takes every argument of mxnet.gluon.nn.BatchNorm and saves exactly its parameters. Attach
-    it with ``pbn_gluon.StatsSync(net, comm)``; ``sync.step()`` then updates the running
-    statistics (from the global moments, identical on every device) once per iteration.
-    All devices of a process must run forward and backward of every step.
+    it with ``pbn_gluon.StatsSync(net, comm)`` before its first forward pass; ``sync.step()``
+    then updates the running statistics (from the global moments, identical on every device)
+    once per iteration. All devices of a process must run forward and backward of every step.
     """
 
+    local_stats = False
     _uids = 0
 
     def __init__(self, **kwargs):
@@ -104,8 +121,45 @@ class SyncBatchNorm(BatchStatsNorm):
         SyncBatchNorm._uids += 1
         self.uid = '%s#%d' % (self.name, SyncBatchNorm._uids)
 
-    def _train_moments(self, F, mean, var, count):
-        sums, training = F.Custom(moments_to_sums(F, mean, var, count), uid=self.uid,
-                                  op_type='pbn_gluon_device_sum')
-        g_mean, g_var = sums_to_moments(F, sums)
-        return g_mean, g_var, sums, F.broadcast_mul(training, F.ones_like(mean))
+    def hybrid_forward(self, F, x, gamma, beta, running_mean, running_var, batch_sums):
+        if not self._use_global_stats and _meets_in_host_memory(self.uid):
+            return self._native_forward(F, x, gamma, beta, running_mean, running_var,
+                                        batch_sums)
+        return super().hybrid_forward(F, x, gamma, beta, running_mean, running_var, batch_sums)
+
+    def _group_inputs(self, F, x, batch_sums):
+        sums = F.pbn_batch_sums(x, axis=self._axis)
+        group_sums, is_inference = F.Custom(sums, batch_sums, uid=self.uid,
+                                            op_type='pbn_gluon_device_sum')
+        return group_sums, is_inference, is_inference   # no local weight in sync mode
+
+    def _native_forward(self, F, x, gamma, beta, running_mean, running_var, batch_sums):
+        """The same layer in MXNet's own operators, for several CPU contexts of one process.
+
+        Every extension-library operator takes one of MXNet's process-wide parallel-random
+        copies (MXNET_CPU_PARALLEL_RAND_COPY, ~5 MB each); nodes of two devices on one copy run
+        in push order, and across this layer's meeting that order can wait on itself unless
+        every node has its own copy (README, known limitations). MXNet's reductions and
+        BatchNorm need only temp space, whose copies are cheap."""
+        eps, axis = self._epsilon, self._axis
+        shape = F.cast(F.shape_array(x), 'float32')
+        count = F.BlockGrad(F.prod(shape) / F.slice_axis(
+            shape, axis=0, begin=axis, end=axis + 1 if axis != -1 else None))
+        total = lambda v: F.sum(v, axis=axis, exclude=True)
+        sums = F.stack(total(x), total(F.square(x)),
+                       F.broadcast_mul(F.ones_like(gamma), count), axis=0)
+        group, is_inference = F.Custom(sums, batch_sums, uid=self.uid,
+                                       op_type='pbn_gluon_device_sum')
+        count = F.slice_axis(group, axis=0, begin=2, end=3)
+        mean = F.reshape(F.slice_axis(group, axis=0, begin=0, end=1) / count, (-1,))
+        var = F.relu(F.reshape(F.slice_axis(group, axis=0, begin=1, end=2) / count, (-1,))
+                     - F.square(mean))
+        if not self._scale:
+            gamma = F.ones_like(gamma)
+        scale = gamma * F.rsqrt(var + eps)
+        training = F.broadcast_mul(1 - is_inference, F.ones_like(mean))
+        # y = scale (x - mean) + beta, written for BatchNorm's fused inference operator
+        gamma = F.where(training, scale * F.sqrt(running_var + eps), gamma)
+        beta = F.where(training, beta + scale * (running_mean - mean), beta)
+        return F.BatchNorm(x, gamma, beta, running_mean, running_var, eps=eps, fix_gamma=False,
+                           use_global_stats=True, axis=self._axis, cudnn_off=True)

@@ -251,9 +251,10 @@ def run_config(args, backend, norm, devices):
     env = dict(os.environ, PBN_GLUON_TIMEOUT=str(args.timeout), PYTHONUNBUFFERED='1')
     # a stalled exchange of the library must not outlive the configuration's time limit
     env.setdefault('HOROVOD_GLOO_TIMEOUT_SECONDS', str(int(args.timeout)))
-    if norm == 'syncbn' and backend == 'local':     # see pbn_gluon.comm.cpu_temp_copy_advice
-        from pbn_gluon.comm import TEMP_COPIES_PER_CPU_CONTEXT
-        env.setdefault('MXNET_CPU_TEMP_COPY', str(TEMP_COPIES_PER_CPU_CONTEXT * devices))
+    if norm == 'syncbn' and backend == 'local':     # see pbn_gluon.comm.cpu_resource_advice
+        from pbn_gluon.comm import cpu_resource_env
+        for name, value in cpu_resource_env(devices).items():
+            env.setdefault(name, value)
     cmd = worker_command(args, backend, norm, devices, result)
     tic = time.time()
     try:

@@ -289,16 +289,16 @@ def launch(cfgs, timeout, bar, on_result):
     """Run `cfgs` (one norm) in ONE subprocess (imports and data generation cost a few seconds
     per process). A watchdog kills it when no step completes for `timeout` s: the stalled run
     is reported as failed and a new subprocess takes the remaining runs."""
-    from pbn_gluon.comm import TEMP_COPIES_PER_CPU_CONTEXT
+    from pbn_gluon.comm import cpu_resource_env
     pending = list(cfgs)
     while pending:
         env = dict(os.environ)
         env.setdefault('PBN_GLUON_TIMEOUT', str(int(max(10, timeout))))
         env.setdefault('HOROVOD_GLOO_TIMEOUT_SECONDS', str(int(max(10, timeout))))
         if pending[0]['norm'] == 'syncbn' and pending[0]['backend'] == 'local':
-            # see pbn_gluon.comm.cpu_temp_copy_advice
-            env.setdefault('MXNET_CPU_TEMP_COPY',
-                           str(TEMP_COPIES_PER_CPU_CONTEXT * pending[0]['contexts']))
+            # see pbn_gluon.comm.cpu_resource_advice
+            for name, value in cpu_resource_env(pending[0]['contexts']).items():
+                env.setdefault(name, value)
         cmd = [sys.executable, os.path.abspath(__file__), '--worker', json.dumps(pending)]
         if pending[0]['backend'] == 'horovod':
             n = pending[0]['contexts']

@@ -51,3 +51,34 @@ def batchnorm(x, gamma, beta, eps, dy):
     """Plain BatchNorm on one (concatenated) batch."""
     _, m, q = channel_moments(x)
     return normalize(x, m, q - m ** 2, gamma, beta, eps, dy, 1.0)
+
+
+def pbn_from_group_sums(x, group, w, gamma, beta, eps, dy, axis=1):
+    """The fused operator's contract on one device, from group sums G (3 or 5 rows, C columns)
+    of an earlier step: returns y, dx, dgamma, dbeta in float64.
+
+    No group data yet (G[2] == 0) means w = 1. With 5 rows the backward is progressive:
+    dx = gamma r (dy - [w mean(dy) + (1-w) G3/G2] - xhat [w mean(dy xhat) + (1-w) G4/G2])."""
+    x = np.moveaxis(x.astype(np.float64), axis, 1)
+    dy = np.moveaxis(dy.astype(np.float64), axis, 1)
+    group = np.asarray(group, dtype=np.float64)
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    axes = (0,) + tuple(range(2, x.ndim))
+    n, m, q = channel_moments(x)
+    count = group[2]
+    w = np.where(count > 0, w, 1.0)
+    safe = np.maximum(count, 1.0)
+    M, Q = group[0] / safe, group[1] / safe
+    mu = w * m + (1 - w) * M
+    var = np.maximum(w * q + (1 - w) * Q - mu ** 2, 0)
+    r = 1.0 / np.sqrt(var + eps)
+    xhat = (x - mu.reshape(shape)) * r.reshape(shape)
+    y = gamma.reshape(shape) * xhat + beta.reshape(shape)
+    dbeta = dy.sum(axis=axes)
+    dgamma = (dy * xhat).sum(axis=axes)
+    k1, k2 = w * dbeta / n, w * dgamma / n
+    if group.shape[0] == 5:
+        k1 = k1 + np.where(count > 0, (1 - w) * group[3] / safe, 0.0)
+        k2 = k2 + np.where(count > 0, (1 - w) * group[4] / safe, 0.0)
+    dx = (gamma * r).reshape(shape) * (dy - k1.reshape(shape) - xhat * k2.reshape(shape))
+    return (np.moveaxis(y, 1, axis), np.moveaxis(dx, 1, axis), dgamma, dbeta)

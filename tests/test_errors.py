@@ -69,15 +69,23 @@ def test_launcher_stops_the_job_when_a_worker_dies():
     assert time.time() - start < 100
 
 
-def test_syncbn_on_cpu_contexts_warns_when_temp_copies_are_too_few(monkeypatch):
+def test_syncbn_on_cpu_contexts_warns_when_resource_copies_are_too_few(monkeypatch):
     """Too few MXNet CPU temp-space copies let devices of one process wait on each other."""
     ctxs = [mx.cpu(i) for i in range(8)]
     monkeypatch.setenv('MXNET_CPU_TEMP_COPY', '4')
-    assert 'MXNET_CPU_TEMP_COPY=16384' in pbn_gluon.comm.cpu_temp_copy_advice(ctxs)
-    assert pbn_gluon.comm.cpu_temp_copy_advice(ctxs[:1]) is None    # one device: no exchange
+    assert 'MXNET_CPU_TEMP_COPY=16384' in pbn_gluon.comm.cpu_resource_advice(ctxs)
+    assert pbn_gluon.comm.cpu_resource_advice(ctxs[:1]) is None    # one device: no exchange
     layer = pbn_gluon.SyncBatchNorm(in_channels=3)
     layer.initialize(ctx=ctxs[:2])
     with pytest.warns(UserWarning, match='MXNET_CPU_TEMP_COPY=4096'):
         pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs[:2]))
     monkeypatch.setenv('MXNET_CPU_TEMP_COPY', '16384')
-    assert pbn_gluon.comm.cpu_temp_copy_advice(ctxs) is None
+    assert pbn_gluon.comm.cpu_resource_advice(ctxs) is None
+
+
+def test_missing_compiler_is_named(monkeypatch, tmp_path):
+    """Building the operators without a C++ compiler says which one is missing."""
+    monkeypatch.setenv('CXX', 'no-such-compiler')
+    with pytest.raises(pbn_gluon.ops.BuildError, match="C\\+\\+ compiler: 'no-such-compiler'"):
+        pbn_gluon.ops._build(str(tmp_path / 'libpbn_ops.so'), None)
+    assert not list(tmp_path.glob('*.so'))

@@ -1,0 +1,302 @@
+/* CUDA kernels of the fused PBN operators. Self-contained apart from pbn_math.h, so that NVRTC
+ * can compile this file alone (tests/test_cuda_kernels.py); pbn_cuda.cu launches them.
+ *
+ * Data is (A, C, B) float32, contiguous, the channel axis in the middle. Every pass walks
+ * "units": a unit is (row, chunk), a run of `lanes` consecutive elements of one row, lanes the
+ * smallest power of two >= B, at most PBN_THREADS. A block of PBN_THREADS threads works on
+ * PBN_THREADS / lanes units at once (one element per thread, consecutive threads on consecutive
+ * addresses), so B = 1 (channels-last) and B = 96 * 96 both keep every thread busy.
+ *
+ *   pbn_moments_partial        grid (C, splits): per channel, per split, sums of (x - shift)
+ *                              and (x - shift)^2, shift = x[0, c, 0] -> partials[split][c][2]
+ *   pbn_grad_partial           grid (C, splits): sums of dy and dy (x - mean[c]) -> partials
+ *   pbn_norm_forward_finalize  per channel: mean, invstd, batch_sums, y = coef0 x + coef1
+ *   pbn_norm_backward_finalize per channel: dgamma, dbeta, dgroup, dx = coef0 x + coef1 + coef2 dy
+ *   pbn_sums_finalize          per channel: [sum x, sum x^2, count]
+ *   pbn_affine, pbn_affine_dy  elementwise over all A * C rows, grid-stride:
+ *                              out = s x_coef[c] x + offset[c] (+ dy_coef[c] dy)
+ *   pbn_running_update         per channel of a whole net: running statistics from group sums
+ *
+ * Launch every kernel with PBN_THREADS threads. Per-thread sums are float (each thread adds
+ * a few hundred shifted values at most), partials across splits are combined in double.
+ */
+#ifndef PBN_KERNELS_CUH_
+#define PBN_KERNELS_CUH_
+
+#include "pbn_math.h"
+
+#define PBN_THREADS 256
+#define PBN_ILP 4 /* units a thread loads before it adds them up */
+
+/* Walks units u, u + step, u + 2 step, ... of a (rows x chunks) grid of units without a
+ * division per step. */
+struct PbnUnitCursor {
+  long row, chunk, chunks, step_rows, step_chunks;
+
+  __device__ PbnUnitCursor(long unit, long step, long n_chunks)
+      : row(unit / n_chunks), chunk(unit % n_chunks), chunks(n_chunks),
+        step_rows(step / n_chunks), step_chunks(step % n_chunks) {}
+
+  /* Moves one step on; returns the rows passed (step_rows or step_rows + 1). */
+  __device__ long advance() {
+    long rows = step_rows;
+    chunk += step_chunks;
+    if (chunk >= chunks) {
+      chunk -= chunks;
+      ++rows;
+    }
+    row += rows;
+    return rows;
+  }
+};
+
+/* Sums a and b over the block; the totals land in thread 0. */
+__device__ __forceinline__ void pbn_block_sum2(float& a, float& b) {
+  __shared__ float warp_a[PBN_THREADS / 32], warp_b[PBN_THREADS / 32];
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    a += __shfl_down_sync(0xffffffffu, a, offset);
+    b += __shfl_down_sync(0xffffffffu, b, offset);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+    warp_a[warp] = a;
+    warp_b[warp] = b;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    a = lane < PBN_THREADS / 32 ? warp_a[lane] : 0.f;
+    b = lane < PBN_THREADS / 32 ? warp_b[lane] : 0.f;
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      a += __shfl_down_sync(0xffffffffu, a, offset);
+      b += __shfl_down_sync(0xffffffffu, b, offset);
+    }
+  }
+}
+
+/* Channel blockIdx.x, split blockIdx.y: kGrad ? (sum dy, sum dy (x - mean[c]))
+ *                                            : (sum (x - shift), sum (x - shift)^2). */
+template <bool kGrad>
+__device__ __forceinline__ void pbn_channel_partials(const float* __restrict__ dy,
+                                                     const float* __restrict__ x,
+                                                     const float* __restrict__ mean, long A,
+                                                     long C, long B, int lanes,
+                                                     float* __restrict__ partials) {
+  const long c = blockIdx.x;
+  float p1 = 0.f, p2 = 0.f;
+  if (A > 0 && B > 0) {
+    const int lane = threadIdx.x % lanes, group = threadIdx.x / lanes;
+    const long groups = PBN_THREADS / lanes;
+    const float center = kGrad ? mean[c] : x[c * B];
+    PbnUnitCursor unit(blockIdx.y * groups + group, gridDim.y * groups, (B + lanes - 1) / lanes);
+    while (unit.row < A) {
+      float xv[PBN_ILP], gv[PBN_ILP];
+#pragma unroll
+      for (int k = 0; k < PBN_ILP; ++k) {
+        const long b = unit.chunk * lanes + lane;
+        const bool inside = unit.row < A && b < B;
+        const long i = (unit.row * C + c) * B + b;
+        xv[k] = inside ? x[i] : center;
+        gv[k] = (kGrad && inside) ? dy[i] : 0.f;
+        unit.advance();
+      }
+#pragma unroll
+      for (int k = 0; k < PBN_ILP; ++k) {
+        const float d = xv[k] - center;
+        p1 += kGrad ? gv[k] : d;
+        p2 += kGrad ? gv[k] * d : d * d;
+      }
+    }
+  }
+  pbn_block_sum2(p1, p2);
+  if (threadIdx.x == 0) {
+    float* out = partials + 2 * (blockIdx.y * C + c);
+    out[0] = p1;
+    out[1] = p2;
+  }
+}
+
+extern "C" __global__ void pbn_moments_partial(const float* __restrict__ x, long A, long C,
+                                               long B, int lanes, float* __restrict__ partials) {
+  pbn_channel_partials<false>(nullptr, x, nullptr, A, C, B, lanes, partials);
+}
+
+extern "C" __global__ void pbn_grad_partial(const float* __restrict__ dy,
+                                            const float* __restrict__ x,
+                                            const float* __restrict__ mean, long A, long C,
+                                            long B, int lanes, float* __restrict__ partials) {
+  pbn_channel_partials<true>(dy, x, mean, A, C, B, lanes, partials);
+}
+
+/* The two sums of channel c over all splits, in double. */
+__device__ __forceinline__ void pbn_combine(const float* partials, int splits, long C, long c,
+                                            double* s1, double* s2) {
+  double a = 0.0, b = 0.0;
+  for (int s = 0; s < splits; ++s) {
+    a += partials[2 * (s * C + c)];
+    b += partials[2 * (s * C + c) + 1];
+  }
+  *s1 = a;
+  *s2 = b;
+}
+
+__device__ __forceinline__ PbnMode pbn_mode(const float* is_inference, int local_stats,
+                                            int fix_gamma, float eps) {
+  PbnMode mode;
+  mode.training = is_inference[0] != 1.0f;
+  mode.local_stats = local_stats;
+  mode.fix_gamma = fix_gamma;
+  mode.eps = eps;
+  return mode;
+}
+
+/* mu, r per channel (pbn_forward_channel); coef = [gamma r ; beta - mu gamma r] (2 rows of C)
+ * so that y = coef0 x + coef1. batch_sums (3 rows of C) is written while training with local_stats only. */
+extern "C" __global__ void pbn_norm_forward_finalize(
+    const float* __restrict__ partials, int splits, const float* __restrict__ x, long A, long C,
+    long B, const float* __restrict__ gamma, const float* __restrict__ beta,
+    const float* __restrict__ running_mean, const float* __restrict__ running_var,
+    const float* __restrict__ group_sums, const float* __restrict__ local_weight,
+    const float* __restrict__ is_inference, int local_stats, int fix_gamma, float eps,
+    float* __restrict__ batch_sums, float* __restrict__ mean, float* __restrict__ invstd,
+    float* __restrict__ coef) {
+  const PbnMode mode = pbn_mode(is_inference, local_stats, fix_gamma, eps);
+  const double w = local_weight[0];
+  const long n = A * B;
+  for (long c = blockIdx.x * (long)blockDim.x + threadIdx.x; c < C;
+       c += (long)gridDim.x * blockDim.x) {
+    double shift = 0.0, s1 = 0.0, s2 = 0.0, mu, r, sums[3];
+    if (mode.training && mode.local_stats && n > 0) {
+      shift = x[c * B];
+      pbn_combine(partials, splits, C, c, &s1, &s2);
+    }
+    pbn_forward_channel(mode, shift, s1, s2, (double)n, group_sums + c, C, w, running_mean[c],
+                        running_var[c], &mu, &r, sums);
+    if (mode.training && mode.local_stats) {
+      for (int k = 0; k < 3; ++k) batch_sums[k * C + c] = (float)sums[k];
+    }
+    mean[c] = (float)mu;
+    invstd[c] = (float)r;
+    const double g = mode.fix_gamma ? 1.0 : gamma[c];
+    coef[c] = (float)(g * r);
+    coef[C + c] = (float)(beta[c] - mu * g * r);
+  }
+}
+
+/* pbn_backward_channel per channel: dgamma, dbeta, dgroup rows 0 and 1 (the other rows 0),
+ * and coef = [b ; k ; a] (3 rows of C) so that dx = a dy + b x + k. */
+extern "C" __global__ void pbn_norm_backward_finalize(
+    const float* __restrict__ partials, int splits, long n, long C,
+    const float* __restrict__ gamma, const float* __restrict__ group_sums, int group_rows,
+    const float* __restrict__ local_weight, const float* __restrict__ is_inference,
+    int local_stats, int fix_gamma, const float* __restrict__ mean,
+    const float* __restrict__ invstd, float* __restrict__ dgamma, float* __restrict__ dbeta,
+    float* __restrict__ dgroup, float* __restrict__ coef) {
+  const PbnMode mode = pbn_mode(is_inference, local_stats, fix_gamma, 0.f);
+  const double w = local_weight[0];
+  for (long c = blockIdx.x * (long)blockDim.x + threadIdx.x; c < C;
+       c += (long)gridDim.x * blockDim.x) {
+    double sdy, sdyxc, a, b, k, dg, db, dg0, dg1;
+    pbn_combine(partials, splits, C, c, &sdy, &sdyxc);
+    pbn_backward_channel(mode, sdy, sdyxc, (double)n, group_sums + c, C, group_rows, w,
+                         gamma[c], mean[c], invstd[c], &a, &b, &k, &dg, &db, &dg0, &dg1);
+    dgamma[c] = (float)dg;
+    dbeta[c] = (float)db;
+    for (int row = 0; row < group_rows; ++row) {
+      dgroup[row * C + c] = row == 0 ? (float)dg0 : row == 1 ? (float)dg1 : 0.f;
+    }
+    coef[c] = (float)b;
+    coef[C + c] = (float)k;
+    coef[2 * C + c] = (float)a;
+  }
+}
+
+/* sums (3 rows of C) = [s1 + n shift, s2 + 2 shift s1 + n shift^2, n]. */
+extern "C" __global__ void pbn_sums_finalize(const float* __restrict__ partials, int splits,
+                                             const float* __restrict__ x, long A, long C, long B,
+                                             float* __restrict__ sums) {
+  const long n = A * B;
+  for (long c = blockIdx.x * (long)blockDim.x + threadIdx.x; c < C;
+       c += (long)gridDim.x * blockDim.x) {
+    double s1, s2;
+    pbn_combine(partials, splits, C, c, &s1, &s2);
+    const double shift = n > 0 ? x[c * B] : 0.0;
+    sums[c] = (float)(s1 + n * shift);
+    sums[C + c] = (float)(s2 + 2.0 * shift * s1 + n * shift * shift);
+    sums[2 * C + c] = (float)n;
+  }
+}
+
+/* out = (x_scale x_coef[c]) x + offset[c] (+ dy_coef[c] dy) over the A * C rows of B
+ * elements, grid-stride over units; the channel of a unit is tracked without a division. */
+template <bool kWithDy>
+__device__ __forceinline__ void pbn_affine_rows(
+    const float* __restrict__ x, const float* __restrict__ dy, float* __restrict__ out,
+    const float* __restrict__ x_coef, float x_scale, const float* __restrict__ offset,
+    const float* __restrict__ dy_coef, long A, long C, long B, int lanes) {
+  const long rows = A * C;
+  if (rows == 0 || B == 0) return;
+  const int lane = threadIdx.x % lanes, group = threadIdx.x / lanes;
+  const long groups = PBN_THREADS / lanes;
+  PbnUnitCursor unit(blockIdx.x * groups + group, gridDim.x * groups, (B + lanes - 1) / lanes);
+  const long step_channels = unit.step_rows % C;
+  long c = unit.row % C;
+  while (unit.row < rows) {
+    float xv[PBN_ILP], gv[PBN_ILP];
+    long index[PBN_ILP], channel[PBN_ILP];
+    bool inside[PBN_ILP];
+#pragma unroll
+    for (int k = 0; k < PBN_ILP; ++k) {
+      const long b = unit.chunk * lanes + lane;
+      inside[k] = unit.row < rows && b < B;
+      index[k] = unit.row * B + b;
+      channel[k] = c;
+      xv[k] = inside[k] ? x[index[k]] : 0.f;
+      gv[k] = (kWithDy && inside[k]) ? dy[index[k]] : 0.f;
+      c += unit.advance() == unit.step_rows ? step_channels : step_channels + 1;
+      if (c >= C) c -= C;
+    }
+#pragma unroll
+    for (int k = 0; k < PBN_ILP; ++k) {
+      if (!inside[k]) continue;
+      const long ch = channel[k];
+      const float scale = x_scale * x_coef[ch];
+      out[index[k]] = kWithDy ? dy_coef[ch] * gv[k] + scale * xv[k] + offset[ch]
+                              : scale * xv[k] + offset[ch];
+    }
+  }
+}
+
+extern "C" __global__ void pbn_affine(const float* __restrict__ x, float* __restrict__ out,
+                                      const float* __restrict__ x_coef, float x_scale,
+                                      const float* __restrict__ offset, long A, long C, long B,
+                                      int lanes) {
+  pbn_affine_rows<false>(x, nullptr, out, x_coef, x_scale, offset, nullptr, A, C, B, lanes);
+}
+
+extern "C" __global__ void pbn_affine_dy(const float* __restrict__ x,
+                                         const float* __restrict__ dy, float* __restrict__ out,
+                                         const float* __restrict__ x_coef,
+                                         const float* __restrict__ offset,
+                                         const float* __restrict__ dy_coef, long A, long C,
+                                         long B, int lanes) {
+  pbn_affine_rows<true>(x, dy, out, x_coef, 1.f, offset, dy_coef, A, C, B, lanes);
+}
+
+/* StatsSync's running-statistics step for every channel of a net: group sums of channel i
+ * at stats[gather[i]], stats[gather[T + i]], stats[gather[2T + i]]; also writes T. */
+extern "C" __global__ void pbn_running_update(const float* __restrict__ stats,
+                                              const float* __restrict__ gather,
+                                              const float* __restrict__ momentum, long T,
+                                              float* __restrict__ running_mean,
+                                              float* __restrict__ running_var,
+                                              float* __restrict__ channel_count) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) *channel_count = (float)T;
+  for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < T;
+       i += (long)gridDim.x * blockDim.x) {
+    pbn_running_channel(stats[(long)gather[i]], stats[(long)gather[T + i]],
+                        stats[(long)gather[2 * T + i]], momentum[i], running_mean + i,
+                        running_var + i);
+  }
+}
+
+#endif /* PBN_KERNELS_CUH_ */

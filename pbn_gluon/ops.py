@@ -1,0 +1,152 @@
+"""The fused operators (csrc/): built against the installed MXNet on first import, then loaded.
+
+``pbn_batch_norm`` and ``pbn_batch_sums`` are C++ (CPU, OpenMP) and CUDA (GPU) kernels
+registered through MXNet's extension-library API (``mxnet/lib_api.h``, MXNet >= 1.7); once
+loaded they are ``F.pbn_batch_norm`` / ``F.pbn_batch_sums`` in any (hybridized) block, with
+autograd, on every context. The library is compiled once per source, MXNet and compiler
+version into ``$PBN_GLUON_CACHE`` (default ``~/.cache/pbn_gluon``), under a file lock so that
+the processes of a Horovod or KVStore job can import pbn_gluon at the same time.
+
+CUDA kernels are compiled when MXNet is a CUDA build and ``nvcc`` is found (``$CUDA_HOME/bin``
+or ``PATH``); otherwise the library is CPU-only and ``cuda_enabled()`` says so.
+"""
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import mxnet as mx
+
+__all__ = ['load', 'cuda_enabled', 'library_path', 'BuildError']
+
+SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc')
+SOURCES = ('pbn_ops.cc', 'pbn_ops.h', 'pbn_math.h', 'pbn_cuda.cu', 'pbn_kernels.cuh')
+
+#: GPU architectures of MXNet's own 1.9 CUDA builds; override with $PBN_GLUON_CUDA_ARCH="80;90"
+DEFAULT_CUDA_ARCH = '50;60;70;80;86'
+
+_loaded = {}
+
+
+class BuildError(RuntimeError):
+    """The operator library could not be built; the message says what is missing."""
+
+
+def _mxnet_dirs():
+    root = os.path.dirname(os.path.abspath(mx.__file__))
+    include, lib_api_cc = os.path.join(root, 'include'), os.path.join(root, 'src', 'lib_api.cc')
+    if not (os.path.isfile(os.path.join(include, 'mxnet', 'lib_api.h'))
+            and os.path.isfile(lib_api_cc)):
+        raise BuildError(
+            'mxnet %s at %s ships no include/mxnet/lib_api.h and src/lib_api.cc: pbn_gluon '
+            'builds its operators with the extension-library API of MXNet >= 1.7 (pip install '
+            'mxnet==1.9.1)' % (mx.__version__, root))
+    return root, include, lib_api_cc
+
+
+def _cxx():
+    cxx = os.environ.get('CXX', 'g++')
+    path = shutil.which(cxx)
+    if path is None:
+        raise BuildError(
+            'pbn_gluon compiles its operators on first import and needs a C++ compiler: %r was '
+            'not found (install g++, e.g. `apt-get install g++`, or set $CXX)' % cxx)
+    return path
+
+
+def _nvcc():
+    """nvcc when MXNet is a CUDA build and nvcc is installed, else None."""
+    if not mx.runtime.Features().is_enabled('CUDA'):
+        return None
+    for candidate in (os.path.join(os.environ.get('CUDA_HOME', '/usr/local/cuda'), 'bin', 'nvcc'),
+                      shutil.which('nvcc')):
+        if candidate and os.path.isfile(candidate):
+            return candidate
+    sys.stderr.write('pbn_gluon: MXNet is a CUDA build but nvcc was not found (set CUDA_HOME): '
+                     'the operators are built for CPU only\n')
+    return None
+
+
+def _cuda_arch_flags():
+    flags = []
+    archs = os.environ.get('PBN_GLUON_CUDA_ARCH', DEFAULT_CUDA_ARCH).replace(',', ';').split(';')
+    for arch in filter(None, (a.strip().replace('.', '') for a in archs)):
+        flags.append('-gencode=arch=compute_%s,code=sm_%s' % (arch, arch))
+    return flags
+
+
+def _build_command(out, nvcc):
+    """The compiler command line. -Bsymbolic binds the library's own copy of lib_api.cc to
+    itself: without it a process that also loaded Horovod's MXNet library resolves some of
+    them elsewhere and crashes (free(): invalid pointer)."""
+    _, include, lib_api_cc = _mxnet_dirs()
+    src = lambda name: os.path.join(SOURCE_DIR, name)
+    includes = ['-I', include, '-I', SOURCE_DIR]
+    if nvcc is None:
+        return [_cxx(), '-shared', '-fPIC', '-std=c++14', '-O3', '-fopenmp', '-Wl,-Bsymbolic',
+                *includes, src('pbn_ops.cc'), lib_api_cc, '-o', out]
+    return [nvcc, '-shared', '-std=c++14', '-O3', '-Xcompiler', '-fPIC,-fopenmp',
+            '-Xlinker', '-Bsymbolic',
+            '-DPBN_WITH_CUDA', *_cuda_arch_flags(), *includes, src('pbn_ops.cc'),
+            src('pbn_cuda.cu'), lib_api_cc, '-o', out]
+
+
+def _cache_dir():
+    default = os.path.join(os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')),
+                           'pbn_gluon')
+    return os.environ.get('PBN_GLUON_CACHE', default)
+
+
+def _key(command):
+    digest = hashlib.sha1()
+    for name in SOURCES:
+        with open(os.path.join(SOURCE_DIR, name), 'rb') as f:
+            digest.update(f.read())
+    digest.update(' '.join(command[:-1]).encode())
+    digest.update(mx.__version__.encode())
+    return digest.hexdigest()[:16]
+
+
+def library_path(nvcc=None):
+    """Where the library for these sources, this MXNet and this compiler lives."""
+    command = _build_command('lib.so', nvcc)
+    return os.path.join(_cache_dir(), _key(command), 'libpbn_ops.so')
+
+
+def _build(path, nvcc):
+    """Compile into `path` (atomically) unless another process already did."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(os.path.join(os.path.dirname(path), '.lock'), 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.isfile(path):
+            return
+        fd, tmp = tempfile.mkstemp(suffix='.so', dir=os.path.dirname(path))
+        os.close(fd)
+        command = _build_command(tmp, nvcc)
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode:
+            os.unlink(tmp)
+            raise BuildError('building pbn_gluon operators failed:\n$ %s\n%s'
+                             % (' '.join(command), result.stderr[-4000:]))
+        os.replace(tmp, path)
+
+
+def load():
+    """Build if needed and load the operator library once per process; returns its path."""
+    if 'path' not in _loaded:
+        nvcc = _nvcc()
+        path = library_path(nvcc)
+        if not os.path.isfile(path):
+            _build(path, nvcc)
+        mx.library.load(path, verbose=False)
+        _loaded.update(path=path, cuda=nvcc is not None)
+    return _loaded['path']
+
+
+def cuda_enabled():
+    """True when the loaded library has the CUDA kernels (GPU contexts work)."""
+    load()
+    return _loaded['cuda']

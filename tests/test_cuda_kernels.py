@@ -1,0 +1,392 @@
+"""The CUDA kernels (pbn_gluon/csrc/pbn_kernels.cuh), compiled with NVRTC through CuPy and
+launched as pbn_cuda.cu launches them, against a float64 NumPy reference of the spec.
+
+Per channel, with n elements, m and v this batch's mean and biased variance, M and V those of
+the group sums G = [sum x, sum x^2, count (, sum dy, sum dy xhat)] of an earlier step, w the
+local weight (1 while G2 == 0):
+
+    mu = w m + (1 - w) M,   var = w v + (1 - w) V + w (1 - w) (m - M)^2,   r = 1 / sqrt(var + eps)
+    y  = gamma r (x - mu) + beta
+    dx = gamma r (dy - k1 - xhat k2),  k1 = (w / n) sum dy,  k2 = (w / n) sum dy xhat
+         (5-row G: k1 += (1 - w) G3 / G2,  k2 += (1 - w) G4 / G2)
+    dG0 = (1 - w) / G2 (dmu - 2 mu dvar),  dG1 = (1 - w) / G2 dvar,
+         dmu = -gamma r sum dy,  dvar = -gamma r^2 sum(dy xhat) / 2
+Sync mode (local_stats=0) is w = 0; inference normalises with the running statistics.
+
+Also times the forward and backward passes on DeepLab-sized tensors and prints the bandwidth
+reached next to the device's peak (written as JSON to $PBN_KERNEL_REPORT when set); the
+numbers are reported, never asserted. Needs CuPy and a CUDA device, else skipped.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+
+cupy = pytest.importorskip('cupy')
+
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'pbn_gluon',
+                    'csrc')
+
+
+def _has_device():
+    try:
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except cupy.cuda.runtime.CUDARuntimeError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _has_device(), reason='no CUDA device')
+
+f32, i32, i64 = np.float32, np.int32, np.int64
+
+
+def _define(source, name):
+    for line in source.splitlines():
+        words = line.split()
+        if words[:2] == ['#define', name]:
+            return int(words[2])
+    raise KeyError(name)
+
+
+class Kernels:
+    """The kernels of pbn_kernels.cuh, launched in the order and with the grids of pbn_cuda.cu.
+    Each prepare_* allocates the outputs and returns (run, outputs); run() launches."""
+
+    NAMES = ('pbn_moments_partial', 'pbn_grad_partial', 'pbn_norm_forward_finalize',
+             'pbn_norm_backward_finalize', 'pbn_sums_finalize', 'pbn_affine', 'pbn_affine_dy')
+
+    def __init__(self):
+        with open(os.path.join(CSRC, 'pbn_kernels.cuh')) as f:
+            source = f.read()
+        self.threads = _define(source, 'PBN_THREADS')
+        self.ilp = _define(source, 'PBN_ILP')
+        module = cupy.RawModule(code=source, options=('-I' + CSRC,))
+        self.fn = {name: module.get_function(name) for name in self.NAMES}
+        self.sms = cupy.cuda.Device().attributes['MultiProcessorCount']
+
+    def plan(self, A, C, B, splits=None, affine_blocks=None):
+        """pbn_cuda.cu's plan_for: lanes, reduction splits, affine and finalize blocks."""
+        lanes = 1
+        while lanes < self.threads and lanes < B:
+            lanes *= 2
+        groups = self.threads // lanes
+        units = A * -(-B // lanes)
+        if splits is None:
+            splits = min(max(1, 4 * self.sms // max(1, C)), max(1, -(-units // groups)), 65535)
+        if affine_blocks is None:
+            affine_blocks = max(1, min(-(-C * units // (groups * self.ilp)), 8 * self.sms))
+        return lanes, splits, affine_blocks, -(-C // self.threads)
+
+    def prepare_forward(self, x, gamma, beta, rmean, rvar, group, w, is_inference, local_stats,
+                        fix_gamma, eps, **plan):
+        A, C, B = x.shape
+        lanes, splits, affine_blocks, channel_blocks = self.plan(A, C, B, **plan)
+        partials = cupy.empty(splits * C * 2, f32)
+        coef = cupy.empty(2 * C, f32)
+        out = dict(y=cupy.empty_like(x), mean=cupy.empty(C, f32), invstd=cupy.empty(C, f32),
+                   batch_sums=cupy.full((3, C), -7.0, f32))
+        w, is_inference = cupy.full(1, w, f32), cupy.full(1, is_inference, f32)
+        shape = (i64(A), i64(C), i64(B))
+        t = (self.threads,)
+
+        def run():
+            self.fn['pbn_moments_partial']((C, splits), t, (x, *shape, i32(lanes), partials))
+            self.fn['pbn_norm_forward_finalize']((channel_blocks,), t, (
+                partials, i32(splits), x, *shape, gamma, beta, rmean, rvar, group, w,
+                is_inference, i32(local_stats), i32(fix_gamma), f32(eps), out['batch_sums'],
+                out['mean'], out['invstd'], coef))
+            self.fn['pbn_affine']((affine_blocks,), t, (
+                x, out['y'], coef, f32(1.0), coef[C:], *shape, i32(lanes)))
+        return run, out
+
+    def prepare_backward(self, dy, x, gamma, group, w, is_inference, local_stats, fix_gamma,
+                         mean, invstd, **plan):
+        A, C, B = x.shape
+        lanes, splits, affine_blocks, channel_blocks = self.plan(A, C, B, **plan)
+        partials = cupy.empty(splits * C * 2, f32)
+        coef = cupy.empty(3 * C, f32)
+        out = dict(dx=cupy.empty_like(x), dgamma=cupy.empty(C, f32), dbeta=cupy.empty(C, f32),
+                   dgroup=cupy.full(group.shape, -7.0, f32))
+        w, is_inference = cupy.full(1, w, f32), cupy.full(1, is_inference, f32)
+        shape = (i64(A), i64(C), i64(B))
+        t = (self.threads,)
+
+        def run():
+            self.fn['pbn_grad_partial']((C, splits), t, (
+                dy, x, mean, *shape, i32(lanes), partials))
+            self.fn['pbn_norm_backward_finalize']((channel_blocks,), t, (
+                partials, i32(splits), i64(A * B), i64(C), gamma, group, i32(group.shape[0]),
+                w, is_inference, i32(local_stats), i32(fix_gamma), mean, invstd, out['dgamma'],
+                out['dbeta'], out['dgroup'], coef))
+            self.fn['pbn_affine_dy']((affine_blocks,), t, (
+                x, dy, out['dx'], coef, coef[C:], coef[2 * C:], *shape, i32(lanes)))
+        return run, out
+
+    def prepare_sums(self, x, dsums, **plan):
+        A, C, B = x.shape
+        lanes, splits, affine_blocks, channel_blocks = self.plan(A, C, B, **plan)
+        partials = cupy.empty(splits * C * 2, f32)
+        out = dict(sums=cupy.empty((3, C), f32), dx=cupy.empty_like(x))
+        shape = (i64(A), i64(C), i64(B))
+        t = (self.threads,)
+
+        def run():
+            self.fn['pbn_moments_partial']((C, splits), t, (x, *shape, i32(lanes), partials))
+            self.fn['pbn_sums_finalize']((channel_blocks,), t, (
+                partials, i32(splits), x, *shape, out['sums']))
+            self.fn['pbn_affine']((affine_blocks,), t, (
+                x, out['dx'], dsums[1], f32(2.0), dsums[0], *shape, i32(lanes)))
+        return run, out
+
+
+# ----------------------------------- float64 reference ---------------------------------------
+
+def _group_moments(G):
+    count = G[2]
+    has = count > 0
+    safe = np.where(has, count, 1.0)
+    M = np.where(has, G[0] / safe, 0.0)
+    V = np.where(has, np.maximum(G[1] / safe - M * M, 0.0), 0.0)
+    return M, V, count, has
+
+
+def _local_weight(G, w, training, local_stats):
+    if not (training and local_stats):
+        return np.zeros(G.shape[1])
+    return np.where(G[2] > 0, w, 1.0)
+
+
+def reference_forward(x, gamma, beta, rmean, rvar, G, w, training, local_stats, fix_gamma, eps):
+    A, C, B = x.shape
+    m, v = x.mean(axis=(0, 2)), x.var(axis=(0, 2))
+    M, V, _, _ = _group_moments(G)
+    batch_sums = None
+    if not training:
+        mu, var = rmean, rvar
+    elif local_stats:
+        we = _local_weight(G, w, training, local_stats)
+        mu = we * m + (1 - we) * M
+        var = we * v + (1 - we) * V + we * (1 - we) * (m - M) ** 2
+        batch_sums = np.stack([x.sum(axis=(0, 2)), (x * x).sum(axis=(0, 2)),
+                               np.full(C, A * B, np.float64)])
+    else:
+        mu, var = M, V
+    r = 1 / np.sqrt(var + eps)
+    g = np.ones(C) if fix_gamma else gamma
+    y = (g * r)[None, :, None] * (x - mu[None, :, None]) + beta[None, :, None]
+    # the kernels compute y = (g r) x + (beta - mu g r): float32 rounding scales with the terms
+    y_scale = (np.abs(g * r)[None, :, None] * np.abs(x)
+               + np.abs(beta - mu * g * r)[None, :, None]).max()
+    return dict(y=y, mean=mu, invstd=r, batch_sums=batch_sums, y_scale=y_scale)
+
+
+def reference_backward(dy, x, gamma, G, w, mean, invstd, training, local_stats, fix_gamma):
+    A, C, B = x.shape
+    n = A * B
+    g = np.ones(C) if fix_gamma else gamma
+    mu, r = mean, invstd
+    xhat = (x - mu[None, :, None]) * r[None, :, None]
+    sum_dy, sum_dy_xhat = dy.sum(axis=(0, 2)), (dy * xhat).sum(axis=(0, 2))
+    we = _local_weight(G, w, training, local_stats)
+    _, _, count, has = _group_moments(G)
+    mixes = bool(training) & has & (we < 1)
+    safe = np.where(has, count, 1.0)
+    k1, k2 = we * sum_dy / n, we * sum_dy_xhat / n
+    if local_stats and G.shape[0] == 5:
+        k1 = k1 + np.where(mixes, (1 - we) * G[3] / safe, 0.0)
+        k2 = k2 + np.where(mixes, (1 - we) * G[4] / safe, 0.0)
+    dx = (g * r)[None, :, None] * (dy - k1[None, :, None] - xhat * k2[None, :, None])
+    dmu = -g * r * sum_dy
+    dvar = -g * r * r * sum_dy_xhat / 2
+    dgroup = np.zeros_like(G)
+    dgroup[0] = np.where(mixes, (1 - we) / safe * (dmu - 2 * mu * dvar), 0.0)
+    dgroup[1] = np.where(mixes, (1 - we) / safe * dvar, 0.0)
+    # the kernels compute dx = a dy + b x + k: float32 rounding scales with these terms
+    gr, b = g * r, -g * r * r * k2
+    dx_terms = (np.abs(gr[None, :, None] * dy) + np.abs(b[None, :, None] * x)
+                + np.abs(gr * k1 - b * mu)[None, :, None])
+    return dict(dx=dx, dgamma=np.zeros(C) if fix_gamma else sum_dy_xhat, dbeta=sum_dy,
+                dgroup=dgroup, dx_scale=dx_terms.max())
+
+
+# --------------------------------------- cases ------------------------------------------------
+
+#: name: (is_inference, local_stats, fix_gamma, group rows, group count / n, local weight);
+#: while training is_inference is 0 or 2 (Dropout of ones), 1 in inference
+MODES = {
+    'pbn': (2.0, 1, 0, 3, 4, 0.7),
+    'pbn_progressive': (0.0, 1, 0, 5, 4, 0.3),
+    'first_step': (0.0, 1, 0, 3, 0, 0.7),
+    'sync': (2.0, 0, 0, 3, 8, 0.5),
+    'inference': (1.0, 1, 0, 5, 4, 0.7),
+    'fix_gamma': (0.0, 1, 1, 5, 4, 0.6),
+}
+#: (A, C, B): B = 1 is channels-last; A * B mostly not a multiple of the block
+SMALL = [(15, 7, 1), (3, 5, 7), (2, 3, 300), (4, 6, 33), (257, 3, 2), (1, 1, 1), (5, 3, 700)]
+DEEPLAB = [(2, 256, 96 * 96), (2, 2048, 96 * 96)]
+CASES = ([(shape, mode, plan) for shape in SMALL for mode in MODES for plan in ('auto', 'odd')]
+         + [(DEEPLAB[0], mode, 'auto') for mode in MODES]
+         + [(DEEPLAB[1], mode, 'auto') for mode in ('pbn_progressive', 'sync')])
+#: 'odd' forces grids that leave some blocks idle and step units across row boundaries
+PLANS = {'auto': {}, 'odd': dict(splits=3, affine_blocks=5)}
+EPS = 1e-5
+
+
+def make_inputs(shape, mode, seed=0):
+    """float32 inputs (data with a mean far from 0) and their float64 copies."""
+    is_inference, local_stats, fix_gamma, rows, count_ratio, w = MODES[mode]
+    A, C, B = shape
+    rng = np.random.default_rng(seed)
+    center = 50 + 3 * rng.random(C)
+    x = (center[None, :, None] + 2 * rng.standard_normal(shape)).astype(f32)
+    dy = (0.1 + rng.standard_normal(shape)).astype(f32)
+    count = float(count_ratio * A * B)
+    M = center + 0.5 * rng.standard_normal(C)
+    V = 4 + rng.random(C)
+    G = np.zeros((rows, C))
+    G[0], G[1], G[2] = M * count, (V + M * M) * count, count
+    if rows == 5:
+        G[3], G[4] = 0.05 * count * rng.standard_normal((2, C))
+    params = dict(gamma=1 + 0.2 * rng.standard_normal(C), beta=rng.standard_normal(C),
+                  rmean=center + 0.1 * rng.standard_normal(C), rvar=3 + rng.random(C),
+                  G=G)
+    params = {k: v.astype(f32) for k, v in params.items()}
+    return x, dy, params, dict(w=w, is_inference=is_inference, local_stats=local_stats,
+                               fix_gamma=fix_gamma)
+
+
+def _gpu(a):
+    return cupy.asarray(np.ascontiguousarray(a, dtype=f32))
+
+
+def assert_close(name, got, want, rtol, scale=None):
+    """max |got - want| <= rtol * scale, scale = max |want| unless given."""
+    got = cupy.asnumpy(got).astype(np.float64).reshape(np.shape(want))
+    scale = np.abs(want).max() if scale is None else scale
+    err = np.abs(got - want).max() if got.size else 0.0
+    assert err <= rtol * scale, '%s: max error %.3g, %.3g of scale %.3g' % (
+        name, err, err / scale if scale else np.inf, scale)
+
+
+@pytest.fixture(scope='module')
+def kernels():
+    return Kernels()
+
+
+@pytest.mark.parametrize('shape,mode,plan', CASES)
+def test_norm_forward_backward(kernels, shape, mode, plan):
+    x, dy, p, m = make_inputs(shape, mode)
+    training = m['is_inference'] != 1.0
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    p64 = {k: v.astype(np.float64) for k, v in p.items()}
+    want = reference_forward(x64, p64['gamma'], p64['beta'], p64['rmean'], p64['rvar'],
+                             p64['G'], m['w'], training, m['local_stats'], m['fix_gamma'], EPS)
+    x_gpu, g = _gpu(x), {k: _gpu(v) for k, v in p.items()}
+    run, got = kernels.prepare_forward(
+        x_gpu, g['gamma'], g['beta'], g['rmean'], g['rvar'], g['G'], m['w'], m['is_inference'],
+        m['local_stats'], m['fix_gamma'], EPS, **PLANS[plan])
+    run()
+    assert_close('mean', got['mean'], want['mean'], 1e-6)
+    assert_close('invstd', got['invstd'], want['invstd'], 1e-4)
+    assert_close('y', got['y'], want['y'], 1e-5, scale=want['y_scale'])
+    if want['batch_sums'] is not None:
+        assert_close('batch_sums', got['batch_sums'], want['batch_sums'], 1e-5)
+    else:   # inference and SyncBN's normalise step leave them alone
+        assert (cupy.asnumpy(got['batch_sums']) == -7.0).all(), 'batch_sums written'
+
+    # backward from the float32 statistics the forward hands on
+    mean, invstd = want['mean'].astype(f32), want['invstd'].astype(f32)
+    want = reference_backward(dy64, x64, p64['gamma'], p64['G'], m['w'],
+                              mean.astype(np.float64), invstd.astype(np.float64), training,
+                              m['local_stats'], m['fix_gamma'])
+    run, got = kernels.prepare_backward(
+        _gpu(dy), x_gpu, g['gamma'], g['G'], m['w'], m['is_inference'], m['local_stats'],
+        m['fix_gamma'], _gpu(mean), _gpu(invstd), **PLANS[plan])
+    run()
+    assert_close('dx', got['dx'], want['dx'], 1e-5, scale=want['dx_scale'])
+    assert_close('dbeta', got['dbeta'], want['dbeta'], 1e-4,
+                 scale=np.abs(dy64).sum(axis=(0, 2)).max())
+    if m['fix_gamma']:
+        assert (cupy.asnumpy(got['dgamma']) == 0).all()
+    else:
+        assert_close('dgamma', got['dgamma'], want['dgamma'], 1e-4)
+    if np.abs(want['dgroup']).max() == 0:
+        assert (cupy.asnumpy(got['dgroup']) == 0).all()
+    else:
+        assert_close('dgroup', got['dgroup'], want['dgroup'], 1e-4)
+
+
+@pytest.mark.parametrize('shape,plan', [(s, p) for s in SMALL for p in PLANS] +
+                         [(s, 'auto') for s in DEEPLAB])
+def test_batch_sums(kernels, shape, plan):
+    x, _, _, _ = make_inputs(shape, 'sync')
+    dsums = np.random.default_rng(1).standard_normal((3, shape[1])).astype(f32)
+    x64 = x.astype(np.float64)
+    run, got = kernels.prepare_sums(_gpu(x), _gpu(dsums), **PLANS[plan])
+    run()
+    want = np.stack([x64.sum(axis=(0, 2)), (x64 * x64).sum(axis=(0, 2)),
+                     np.full(shape[1], shape[0] * shape[2], np.float64)])
+    for row in range(3):
+        assert_close('sums[%d]' % row, got['sums'][row], want[row], 1e-5)
+    dsums64 = dsums.astype(np.float64)
+    want_dx = dsums64[0][None, :, None] + 2 * x64 * dsums64[1][None, :, None]
+    assert_close('dx', got['dx'], want_dx, 1e-5)
+
+
+# -------------------------------------- bandwidth ---------------------------------------------
+
+def peak_bandwidth_gbs():
+    """memoryClockRate (kHz) * 2 (double data rate) * bus width (bits) / 8, in GB/s."""
+    device = cupy.cuda.Device().id
+    props = cupy.cuda.runtime.getDeviceProperties(device)
+    clock_khz, bus_bits = props.get('memoryClockRate'), props.get('memoryBusWidth')
+    if not clock_khz or not bus_bits:  # removed from cudaDeviceProp in CUDA 13
+        clock_khz = cupy.cuda.runtime.deviceGetAttribute(36, device)  # MemoryClockRate
+        bus_bits = cupy.cuda.runtime.deviceGetAttribute(37, device)  # GlobalMemoryBusWidth
+    return clock_khz * 1e3 * 2 * bus_bits / 8 / 1e9
+
+
+def median_ms(run, repeats=20, warmup=3):
+    for _ in range(warmup):
+        run()
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    times = []
+    for _ in range(repeats):
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, end))
+    return float(np.median(times))
+
+
+def test_bandwidth(kernels):
+    peak = peak_bandwidth_gbs()
+    name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)['name']
+    name = name.decode() if isinstance(name, bytes) else name
+    records = []
+    for shape in DEEPLAB:
+        x, dy, p, m = make_inputs(shape, 'pbn_progressive')
+        x_gpu, dy_gpu, g = _gpu(x), _gpu(dy), {k: _gpu(v) for k, v in p.items()}
+        forward, out = kernels.prepare_forward(
+            x_gpu, g['gamma'], g['beta'], g['rmean'], g['rvar'], g['G'], m['w'],
+            m['is_inference'], m['local_stats'], m['fix_gamma'], EPS)
+        forward()
+        backward, _ = kernels.prepare_backward(
+            dy_gpu, x_gpu, g['gamma'], g['G'], m['w'], m['is_inference'], m['local_stats'],
+            m['fix_gamma'], out['mean'], out['invstd'])
+        tensor_bytes = x.nbytes
+        # forward: reads x twice, writes y; backward: reads dy and x twice, writes dx
+        for pass_name, run, passes in (('forward', forward, 3), ('backward', backward, 5)):
+            ms = median_ms(run)
+            gbs = passes * tensor_bytes / (ms * 1e-3) / 1e9
+            records.append({'shape': list(shape), 'pass': pass_name, 'ms': ms,
+                            'gb_per_s': gbs, 'peak_gb_per_s': peak,
+                            'fraction_of_peak': gbs / peak, 'device': name})
+            print('%-20s %-8s %8.3f ms %7.0f GB/s (%3.0f%% of peak %.0f GB/s, %s)' % (
+                'x'.join(map(str, shape)), pass_name, ms, gbs, 100 * gbs / peak, peak, name))
+    report = os.environ.get('PBN_KERNEL_REPORT')
+    if report:
+        with open(report, 'w') as f:
+            json.dump(records, f, indent=1)

@@ -1,0 +1,185 @@
+"""The fused operators (pbn_gluon/csrc) against independent numpy references, and the layer
+graphs built on them: operator counts, inputs without gradient, running statistics."""
+import json
+
+import mxnet as mx
+import numpy as np
+import pytest
+from mxnet import autograd, gluon, nd
+
+import pbn_gluon
+import reference
+from test_progressive_norm import BETA, C, EPS, GAMMA, batches, build, step
+
+
+def run_op(x, group, w, dy, training=True, local_stats=True, axis=1, running=None):
+    """One forward + backward of pbn_batch_norm; returns y, dx, dgamma, dbeta, dgroup, sums."""
+    c = x.shape[axis]
+    running = running or (np.zeros(c), np.ones(c))
+    gamma, beta = nd.array(GAMMA[:c]), nd.array(BETA[:c])
+    args = [nd.array(x), gamma, beta, nd.array(running[0]), nd.array(running[1]),
+            nd.array(group), nd.array([w]), nd.array([0.0 if training else 1.0])]
+    batch_sums = nd.zeros(3 * c)
+    for a in (args[0], gamma, beta, args[5]):
+        a.attach_grad()
+    with autograd.record():
+        y = nd.pbn_batch_norm(*args, batch_sums, axis=axis, eps=EPS,
+                              local_stats=local_stats)[0]
+    y.backward(nd.array(dy))
+    return (y.asnumpy(), args[0].grad.asnumpy(), gamma.grad.asnumpy(), beta.grad.asnumpy(),
+            args[5].grad.asnumpy(), batch_sums.asnumpy().reshape(3, c))
+
+
+def group_sums_of(xs, dys=None, rows=3):
+    """[sum x, sum x^2, n (, sum dy, sum dy xhat)] over devices, xhat with each device's BN."""
+    sums = np.zeros((rows, C))
+    for k, x in enumerate(xs):
+        n, m, q = reference.channel_moments(x)
+        sums[:3] += [n * m, n * q, np.full(C, n)]
+        if rows == 5:
+            _, _, dgamma, dbeta = reference.batchnorm(x, GAMMA, BETA, EPS, dys[k])
+            sums[3:] += [dbeta, dgamma]
+    return sums
+
+
+@pytest.mark.parametrize('rows', [3, 5])
+@pytest.mark.parametrize('w', [0.0, 0.3, 1.0])
+def test_operator_matches_numpy_spec(rows, w):
+    """Forward, dx, dgamma, dbeta and the written local sums for 3-row (the spec) and 5-row
+    (progressive backward) group sums, against reference.pbn_from_group_sums."""
+    xs, dys = batches([2, 3, 1], 0)
+    group = group_sums_of(xs, dys, rows)
+    x, dy = batches([3], 1)[0][0], batches([3], 1)[1][0]
+    y, dx, dgamma, dbeta, _, sums = run_op(x, group, w, dy)
+    want = reference.pbn_from_group_sums(x, group, w, GAMMA, BETA, EPS, dy)
+    for got, ref in zip((y, dx, dgamma, dbeta), want):
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+    n, m, q = reference.channel_moments(x)
+    np.testing.assert_allclose(sums, [n * m, n * q, np.full(C, n)], rtol=1e-5)
+
+
+def test_operator_without_group_data_is_batchnorm():
+    """Empty group sums (the first step): the local weight is taken as 1, whatever it says."""
+    x, dy = batches([2], 4)[0][0], batches([2], 4)[1][0]
+    got = run_op(x, np.zeros((3, C)), 0.25, dy)[:4]
+    for g, ref in zip(got, reference.batchnorm(x, GAMMA, BETA, EPS, dy)):
+        np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_operator_inference_uses_running_statistics_and_writes_nothing():
+    x, dy = batches([2], 5)[0][0], batches([2], 5)[1][0]
+    rm, rv = np.linspace(-1, 1, C), np.linspace(0.5, 3, C)
+    y, dx, _, _, dgroup, sums = run_op(x, np.ones((3, C)), 0.5, dy, training=False,
+                                       running=(rm, rv))
+    shape = (1, -1, 1, 1)
+    r = 1 / np.sqrt(rv + EPS)
+    np.testing.assert_allclose(y, GAMMA.reshape(shape) * (x - rm.reshape(shape))
+                               * r.reshape(shape) + BETA.reshape(shape), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, (GAMMA * r).reshape(shape) * dy, rtol=1e-5, atol=1e-6)
+    assert not sums.any() and not dgroup.any()
+
+
+def test_group_sum_gradient_matches_finite_differences():
+    """Sync mode (SyncBN's normalise step): d loss / d group sums rows 0 and 1, numerically."""
+    rng = np.random.RandomState(1)
+    x = rng.normal(1.0, 2.0, (2, C, 3, 2)).astype(np.float32)
+    dy = rng.normal(0, 1, x.shape)
+    n, m, q = reference.channel_moments(x)
+    group = np.stack([3 * n * m + 2.0, 3 * n * q + 40.0, np.full(C, 3.0 * n)])
+    dgroup = run_op(x, group, 0.0, dy, local_stats=False)[4]
+
+    def loss(g):
+        mean, square = g[0] / g[2], g[1] / g[2]
+        y = reference.normalize(x, mean, square - mean ** 2, GAMMA, BETA, EPS, dy, 0.0)[0]
+        return (y * dy).sum()
+    for row in (0, 1):
+        for c in range(C):
+            e = np.zeros_like(group)
+            e[row, c] = 1e-3 * abs(group[row, c])
+            numeric = (loss(group + e) - loss(group - e)) / (2 * e[row, c])
+            assert dgroup[row, c] == pytest.approx(numeric, rel=2e-3, abs=1e-6)
+    assert not dgroup[2].any()
+
+
+def test_sums_are_exact_far_from_zero():
+    """Large |mean| / std: the per-channel shift keeps the variance (float32 E[x^2] - m^2
+    would lose it), in the operator and in pbn_batch_sums."""
+    rng = np.random.RandomState(2)
+    x = (1e4 + rng.normal(0, 1, (4, C, 16, 16))).astype(np.float32)
+    dy = rng.normal(0, 1, x.shape).astype(np.float32)
+    y = run_op(x, np.zeros((3, C)), 1.0, dy)[0]
+    want = reference.batchnorm(x, GAMMA, BETA, EPS, dy)[0]
+    np.testing.assert_allclose(y, want, rtol=1e-3, atol=2e-3)
+    sums = nd.pbn_batch_sums(nd.array(x)).asnumpy()
+    n, m, q = reference.channel_moments(x)
+    np.testing.assert_allclose(sums, [n * m, n * q, np.full(C, n)], rtol=1e-6)
+
+
+def test_batch_sums_gradient():
+    """pbn_batch_sums backward: dx = dS0 + 2 x dS1 (the count row has no gradient)."""
+    x = batches([2], 6)[0][0]
+    dsums = np.random.RandomState(3).normal(0, 1, (3, C))
+    a = nd.array(x)
+    a.attach_grad()
+    with autograd.record():
+        s = nd.pbn_batch_sums(a)
+    s.backward(nd.array(dsums))
+    shape = (1, -1, 1, 1)
+    np.testing.assert_allclose(a.grad.asnumpy(), dsums[0].reshape(shape)
+                               + 2 * x * dsums[1].reshape(shape), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('norm,most', [(pbn_gluon.ProgressiveBatchNorm, 4),
+                                       (pbn_gluon.SyncBatchNorm, 4)])
+def test_layer_forward_graph_is_a_few_operators(norm, most):
+    """Counted from the symbol JSON (the issue's bound: at most 4; nn.BatchNorm is 1)."""
+    out = norm(in_channels=4)(mx.sym.var('data'))
+    ops = [node['op'] for node in json.loads(out.tojson())['nodes'] if node['op'] != 'null']
+    assert len(ops) <= most, ops
+    assert 'pbn_batch_norm' in ops
+
+
+@pytest.mark.parametrize('hybridize', [False, True])
+def test_inputs_without_gradient_still_exchange_their_moments(hybridize):
+    """A PBN layer whose input needs no gradient (first layer on raw data, frozen layers
+    before it) still hands its moments to StatsSync: step 1 normalises with step 0's group
+    moments and the running statistics follow them (against numpy)."""
+    ctxs = [mx.cpu(0), mx.cpu(1)]
+    w = 0.25
+    layer = build(pbn_gluon.ProgressiveBatchNorm(in_channels=C, local_weight=w), ctxs, hybridize)
+    sync = pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs))
+    sizes = [2, 3]
+    running_mean, running_var = np.zeros(C), np.ones(C)
+    outputs = []
+    for t in range(3):
+        xs, _ = batches(sizes, t)
+        with autograd.record():
+            ys = [layer(nd.array(x, ctx=c)) for x, c in zip(xs, ctxs)]
+        outputs.append([y.asnumpy() for y in ys])
+        sync.step()
+        mean, square = reference.group_moments(xs)
+        running_mean = 0.9 * running_mean + 0.1 * mean
+        running_var = 0.9 * running_var + 0.1 * (square - mean ** 2)
+        if t:
+            group = group_sums_of(batches(sizes, t - 1)[0])
+            for k, x in enumerate(xs):
+                want = reference.pbn_from_group_sums(x, group, w, GAMMA, BETA, EPS, x)[0]
+                np.testing.assert_allclose(outputs[t][k], want, rtol=1e-4, atol=1e-4)
+    for c in ctxs:
+        np.testing.assert_allclose(layer.running_mean.data(c).asnumpy(), running_mean,
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(layer.running_var.data(c).asnumpy(), running_var,
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_first_step_with_low_weight_is_local_batchnorm():
+    """Before any exchange a PBN layer has no group moments: it is BatchNorm on its device."""
+    ctxs = [mx.cpu(0), mx.cpu(1)]
+    layer = build(pbn_gluon.ProgressiveBatchNorm(in_channels=C, local_weight=0.1), ctxs, True)
+    pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs))
+    xs, dys = batches([2, 1], 7)
+    ys, dxs = step(layer, xs, dys, ctxs)
+    for k in range(2):
+        y, dx, _, _ = reference.batchnorm(xs[k], GAMMA, BETA, EPS, dys[k])
+        np.testing.assert_allclose(ys[k], y, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(dxs[k], dx, rtol=1e-3, atol=1e-4)
