@@ -31,7 +31,7 @@ demo: venv
 	$(PY) scripts/demo.py
 
 bench: venv
-	$(PY) scripts/bench_norm.py --json results/bench_norm.json
+	$(PY) scripts/bench_norm.py --repeats 3 --json results/bench_norm.json --plot results/bench_norm.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache

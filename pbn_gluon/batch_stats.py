@@ -58,6 +58,7 @@ class BatchStatsNorm(nn.BatchNorm):
     this batch's moments in; False: SyncBN normalises with the group sums alone)."""
 
     local_stats = True
+    exchange_rows = 3       # [sum x, sum x^2, n] per channel
 
     def __init__(self, axis=1, momentum=0.9, epsilon=1e-5, center=True, scale=True,
                  use_global_stats=False, beta_initializer='zeros', gamma_initializer='ones',

@@ -30,6 +30,18 @@ class ProgressiveBatchNorm(BatchStatsNorm):
     group_size : int, {step: int} or Schedule, default None
         Number of consecutive devices (by rank) whose moments are pooled. None: all devices.
         Must divide the device count.
+    global_momentum : float in [0, 1), default 0
+        The group sums the layer mixes in are an exponential average over the exchanges,
+        G <- a G + (1 - a) G_t (count-weighted, since G holds sums); 0 is the specification's
+        previous step alone. An extension of the paper (docs/pbn-spec.md).
+    backward : 'local' or 'progressive', default 'local'
+        'local' is the specification: the group moments are constants, so the backward's
+        centring terms are scaled by w. 'progressive' mixes them like the forward,
+        dx = gamma r (dy - [w mean(dy) + (1-w) Bbar] - xhat [w mean(dy xhat) + (1-w) Gbar]),
+        with Bbar, Gbar the group means of dy and dy*xhat of earlier steps, carried in the same
+        exchange (5 rows a channel). It needs gamma and beta gradients (scale=True,
+        center=True, grad_req 'write'), which are this device's [sum dy xhat, sum dy] and are
+        read from there, and ``sync.step()`` before ``trainer.step()`` (which reduces them).
     **kwargs
         Every argument of mxnet.gluon.nn.BatchNorm (axis, momentum, epsilon, center, scale,
         use_global_stats, the four initializers, in_channels, prefix, params).
@@ -40,12 +52,20 @@ class ProgressiveBatchNorm(BatchStatsNorm):
     plain per-device BatchNorm in training, whose running statistics are never updated.
     """
 
-    def __init__(self, local_weight=None, group_size=None, **kwargs):
+    def __init__(self, local_weight=None, group_size=None, global_momentum=0.0,
+                 backward='local', **kwargs):
         super().__init__(**kwargs)
+        if not 0.0 <= global_momentum < 1.0:
+            raise ValueError('global_momentum must lie in [0, 1), got %r' % (global_momentum,))
+        if backward not in ('local', 'progressive'):
+            raise ValueError("backward must be 'local' or 'progressive', got %r" % (backward,))
+        self.backward_mode = backward
+        self.exchange_rows = 5 if backward == 'progressive' else 3
         self.local_weight_schedule = local_weight_schedule(local_weight)
         self.group_size_schedule = group_size_schedule(group_size)
+        self.global_momentum = float(global_momentum)
         in_channels = kwargs.get('in_channels', 0)
-        self.global_sums = self._state_param('global_sums', (3, in_channels))
+        self.global_sums = self._state_param('global_sums', (self.exchange_rows, in_channels))
         self.local_weight = self._state_param('local_weight', (1,), init='ones')
 
     def group_size_at(self, step, num_devices):
@@ -66,6 +86,15 @@ class ProgressiveBatchNorm(BatchStatsNorm):
                              % (self.name, w, step))
         return w
 
+    def check_backward_gradients(self):
+        """backward='progressive' reads this device's sum dy and sum dy*xhat from the beta and
+        gamma gradients: fail clearly when they are not written."""
+        for param in (self.beta, self.gamma):
+            if param.grad_req != 'write':
+                raise ValueError("%s: backward='progressive' needs the gradient of %s written "
+                                 "each step (scale=True, center=True, grad_req='write'), but its "
+                                 "grad_req is %r" % (self.name, param.name, param.grad_req))
+
     def check_devices(self, num_devices):
         """Fail early when a known group size does not divide the device count."""
         schedule = self.group_size_schedule
@@ -80,5 +109,6 @@ class ProgressiveBatchNorm(BatchStatsNorm):
         return global_sums, local_weight, is_inference
 
     def __repr__(self):
-        return '%s, local_weight=%r, group_size=%r)' % (
-            super().__repr__()[:-1], self.local_weight_schedule, self.group_size_schedule)
+        return '%s, local_weight=%r, group_size=%r, global_momentum=%r, backward=%r)' % (
+            super().__repr__()[:-1], self.local_weight_schedule, self.group_size_schedule,
+            self.global_momentum, self.backward_mode)

@@ -1,13 +1,16 @@
 """StatsSync: the one line a training loop adds, ``sync.step()`` once per iteration.
 
-At step t (after backward), for the layers of a net:
+At step t (after backward, before trainer.step), for the layers of a net:
 
-- ProgressiveBatchNorm: every layer's local sums of step t sit, per device, in one flat buffer
-  (the layers' ``batch_sums`` are views into it). ONE fused, non-blocking exchange (allreduce,
-  or allgather + group sum when G < devices) turns them into the group sums, written where the
-  layers' ``global_sums`` views point: step t+1's forward reads them as graph inputs.
-- ProgressiveBatchNorm and SyncBatchNorm: running statistics from the step's global moments,
-  identical on every device of a group:
+- ProgressiveBatchNorm: every layer's local sums of step t sit, per device, in one flat buffer:
+  [sum x, sum x^2, n] written by the layer's forward operator into its ``batch_sums`` view,
+  and with ``backward='progressive'`` [sum dy, sum dy*xhat], which are the layer's beta and
+  gamma gradients, whose arrays are views of the same buffer. ONE fused, non-blocking exchange
+  (allreduce, or allgather + group sum when G < devices) of a copy turns them into the group
+  sums, written (or averaged in, ``global_momentum``) where the layers' ``global_sums`` views
+  point: step t+1's forward and backward read them as graph inputs.
+- ProgressiveBatchNorm and SyncBatchNorm: running statistics from the group sums, identical on
+  every device of a group, one fused operator per device (``pbn_running_update``):
       running_mean = m running_mean + (1 - m) M,  running_var = m running_var + (1 - m) V
 - the local weights w_{t+1} of every PBN layer, from its schedule.
 
@@ -17,6 +20,7 @@ import warnings
 import zlib
 
 import numpy as np
+from mxnet import autograd
 from mxnet import ndarray as nd
 from mxnet.gluon import HybridBlock
 
@@ -115,8 +119,8 @@ class StatsSync:
 
     def _stale(self):
         return self._bound is None or any(
-            param._data is not lst or param._data[0] is not first
-            for param, lst, first in self._bound)
+            getattr(param, attr) is not lst or lst[0] is not first
+            for param, attr, lst, first in self._bound)
 
     def _bind(self):
         ctxs = self.comm.contexts
@@ -129,46 +133,62 @@ class StatsSync:
                                  % (layer.name, layer.gamma.list_ctx(), ctxs))
         order = self.pbn + self.syncbn
         channels = [layer.gamma.shape[0] for layer in order]
-        pbn_channels = channels[:len(self.pbn)]
         self._check_same_net(channels)
+        # each layer's block of the sums buffers: rows x channels, [sum x, sum x^2, n] first
+        sizes = [layer.exchange_rows * c for layer, c in zip(order, channels)]
+        starts = np.cumsum([0] + sizes[:-1]).tolist()
+        pbn_size = sum(sizes[:len(self.pbn)])
 
-        self.local = [nd.zeros(3 * sum(pbn_channels), ctx=c) for c in ctxs] if self.pbn else []
-        self.stats = [nd.zeros(3 * sum(channels), ctx=c) for c in ctxs]
+        self.local = [nd.zeros(pbn_size, ctx=c) for c in ctxs] if self.pbn else []
+        self.stats = [nd.zeros(sum(sizes), ctx=c) for c in ctxs]
         self.running_mean = [nd.zeros(sum(channels), ctx=c) for c in ctxs]
         self.running_var = [nd.zeros(sum(channels), ctx=c) for c in ctxs]
         self.weights = [nd.ones(len(self.pbn), ctx=c) for c in ctxs] if self.pbn else []
         bound = []
 
-        def bind(param, flats, start, stop):
+        def bind(param, flats, start, stop, attr='_data'):
+            arrays = getattr(param, attr)
             for i, ctx in enumerate(ctxs):
+                j = param.list_ctx().index(ctx)
                 view = flats[i][start:stop].reshape(param.shape)
-                view[:] = param.data(ctx)
-                param._data[param.list_ctx().index(ctx)] = view
-            bound.append((param, param._data, param._data[0]))
+                view[:] = arrays[j]
+                if attr == '_grad':     # the backward writes this gradient into the buffer
+                    autograd.mark_variables([param._data[j]], [view], param.grad_req)
+                arrays[j] = view
+            bound.append((param, attr, arrays, arrays[0]))
 
         offset = 0
-        for index, (layer, c) in enumerate(zip(order, channels)):
+        for index, (layer, c, start) in enumerate(zip(order, channels, starts)):
             bind(layer.running_mean, self.running_mean, offset, offset + c)
             bind(layer.running_var, self.running_var, offset, offset + c)
             if isinstance(layer, ProgressiveBatchNorm):
-                bind(layer.batch_sums, self.local, 3 * offset, 3 * offset + 3 * c)
-                bind(layer.global_sums, self.stats, 3 * offset, 3 * offset + 3 * c)
+                bind(layer.batch_sums, self.local, start, start + 3 * c)
+                if layer.exchange_rows == 5:    # progressive backward: [sum dy, sum dy xhat]
+                    layer.check_backward_gradients()
+                    bind(layer.beta, self.local, start + 3 * c, start + 4 * c, '_grad')
+                    bind(layer.gamma, self.local, start + 4 * c, start + 5 * c, '_grad')
+                bind(layer.global_sums, self.stats, start, start + layer.exchange_rows * c)
                 bind(layer.local_weight, self.weights, index, index + 1)
             else:
-                bind(layer.batch_sums, self.stats, 3 * offset, 3 * offset + 3 * c)
+                bind(layer.batch_sums, self.stats, start, start + 3 * c)
             offset += c
         self._bound = bound
 
         # where [S_1, S_2, S_n] of every channel sit in the stats buffer, and the momenta
-        starts = np.repeat(3 * np.cumsum([0] + channels[:-1]), channels)
-        within = np.concatenate([np.arange(c) for c in channels])
-        rows = np.repeat(channels, channels)
-        gather = np.stack([starts + within + k * rows for k in range(3)]).astype(np.float32)
+        first = np.repeat(starts, channels) + np.concatenate([np.arange(c) for c in channels])
+        row = np.repeat(channels, channels)
+        gather = np.stack([first + k * row for k in range(3)]).astype(np.float32)
         momentum = np.repeat([l.momentum for l in order], channels)
         self._gather = [nd.array(gather, ctx=c) for c in ctxs]
         self._momentum = [nd.array(momentum, ctx=c) for c in ctxs]
-        self._pbn_size = 3 * sum(pbn_channels)
-        self._pbn_channels = pbn_channels
+        self._pbn_size = pbn_size
+        self._pbn_sizes = sizes[:len(self.pbn)]
+        averaged = [l.global_momentum for l in self.pbn]
+        self._average = None
+        if any(averaged):   # per-element momentum of the exponential average of group sums
+            rate = np.repeat(averaged, self._pbn_sizes).astype(np.float32)
+            self._average = [(nd.zeros(pbn_size, ctx=c), nd.array(rate, ctx=c),
+                              nd.array(1 - rate, ctx=c)) for c in ctxs]   # scratch, a, 1 - a
         self._group_masks = {}
         self._weights = None
 
@@ -204,26 +224,38 @@ class StatsSync:
 
     def _exchange(self, t):
         sizes = self._group_sizes(t)
-        pbn_stats = [s[:self._pbn_size] for s in self.stats]
+        averaging = self._average is not None and t > 0
+        targets = [s[:self._pbn_size] for s in self.stats]
         if all(g == self.comm.size for g in sizes):
-            self.comm.allreduce_(self.local, EXCHANGE_TAG)
-            for src, dst in zip(self.local, pbn_stats):
-                dst[:] = src
-            return
-        gathered = self.comm.allgather(self.local, EXCHANGE_TAG)
-        for rank, rows, dst, ctx in zip(self.comm.ranks, gathered, pbn_stats, self.comm.contexts):
-            total = None
-            for g in sorted(set(sizes)):
-                first = rank // g * g
-                part = nd.sum(rows[first:first + g], axis=0) * self._group_mask(sizes, g, ctx)
-                total = part if total is None else total + part
-            dst[:] = total
+            sums = [a for a, _, _ in self._average] if averaging else targets
+            for src, dst in zip(self.local, sums):
+                dst[:] = src        # sum a copy: the local buffer also holds gradients
+            self.comm.allreduce_(sums, EXCHANGE_TAG)
+        else:
+            gathered = self.comm.allgather(self.local, EXCHANGE_TAG)
+            sums = [self._group_sum(rank, rows, sizes, ctx) for rank, rows, ctx
+                    in zip(self.comm.ranks, gathered, self.comm.contexts)]
+        for i, (new, dst) in enumerate(zip(sums, targets)):
+            if averaging:       # G <- a G + (1 - a) G_t
+                _, rate, rest = self._average[i]
+                dst[:] = rate * dst + rest * new
+            elif new is not dst:
+                dst[:] = new
+
+    def _group_sum(self, rank, rows, sizes, ctx):
+        """Each layer's sum over the group of `rank`, from the all-gathered rows."""
+        total = None
+        for g in sorted(set(sizes)):
+            first = rank // g * g
+            part = nd.sum(rows[first:first + g], axis=0) * self._group_mask(sizes, g, ctx)
+            total = part if total is None else total + part
+        return total
 
     def _group_mask(self, sizes, g, ctx):
         key = (tuple(sizes), g, ctx)
         if key not in self._group_masks:
-            mask = np.concatenate([np.full(3 * c, float(s == g))
-                                   for s, c in zip(sizes, self._pbn_channels)])
+            mask = np.concatenate([np.full(n, float(s == g))
+                                   for s, n in zip(sizes, self._pbn_sizes)])
             self._group_masks[key] = nd.array(mask, ctx=ctx)
         return self._group_masks[key]
 

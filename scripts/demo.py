@@ -121,7 +121,7 @@ def load_data(n_train, n_val, seed):
 # net
 # ------------------------------------------------------------------------------------------
 
-def norm_factory(norm, steps, pbn_final=None):
+def norm_factory(norm, steps, pbn_final=None, pbn_global_momentum=0.0, pbn_backward='local'):
     from mxnet.gluon import nn
     import pbn_gluon
     if norm == 'bn':
@@ -131,7 +131,9 @@ def norm_factory(norm, steps, pbn_final=None):
     if norm == 'pbn':
         schedule = pbn_gluon.schedules.Linear(start=0, steps=max(1, int(PBN_RAMP * steps)),
                                               final=pbn_final)
-        return lambda c: pbn_gluon.ProgressiveBatchNorm(in_channels=c, local_weight=schedule)
+        return lambda c: pbn_gluon.ProgressiveBatchNorm(
+            in_channels=c, local_weight=schedule, global_momentum=pbn_global_momentum,
+            backward=pbn_backward)
     if norm == 'gn':
         return lambda c: nn.GroupNorm(num_groups=4)
     raise ValueError(norm)
@@ -204,7 +206,9 @@ def run_one(cfg):
     train, val = load_data(cfg['n_train'], cfg['n_val'], cfg['data_seed'])
     mx.random.seed(seed)
     np.random.seed(seed)
-    net = build_net(norm_factory(norm, steps, cfg['pbn_final']), width=cfg['width'])
+    net = build_net(norm_factory(norm, steps, cfg['pbn_final'],
+                                 cfg.get('pbn_global_momentum', 0.0),
+                                 cfg.get('pbn_backward', 'local')), width=cfg['width'])
     net.initialize(mx.init.Xavier(magnitude=2.0), ctx=ctxs)
     net.hybridize(static_alloc=True)
     sync = None
@@ -269,7 +273,9 @@ def run_one(cfg):
             'non_blocking_exchanges_per_step': non_blocking,
             'final_loss': losses[-1][1], 'curve': curve, 'status': 'ok',
             'pbn_final_weight': (cfg['pbn_final'] or 1.0 / cfg['contexts']) if norm == 'pbn'
-            else None}
+            else None,
+            'pbn_global_momentum': cfg.get('pbn_global_momentum', 0.0) if norm == 'pbn' else None,
+            'pbn_backward': cfg.get('pbn_backward', 'local') if norm == 'pbn' else None}
 
 
 def worker_main(cfgs_json):
@@ -439,6 +445,12 @@ def main(argv=None):
     p.add_argument('--pbn-final', type=float, default=0.5,
                    help="PBN's final local weight w (default 0.5; 0 < w <= 1); "
                         "--pbn-final 0 means the library's default 1/G")
+    p.add_argument('--pbn-global-momentum', type=float, default=0.0,
+                   help='PBN averages the exchanged group sums over steps with this momentum '
+                        '(default 0: the previous step alone, as the paper)')
+    p.add_argument('--pbn-backward', choices=['local', 'progressive'], default='local',
+                   help="PBN's backward: local (the paper: group moments are constants) or "
+                        "progressive (mixes the exchanged dy statistics in)")
     p.add_argument('--timeout', type=float, default=None,
                    help='seconds without a finished step before a run is killed as stalled')
     args = p.parse_args(argv)
@@ -449,8 +461,12 @@ def main(argv=None):
     steps = args.steps or (12 if quick else 300)
     if not 0.0 <= args.pbn_final <= 1.0:
         p.error('--pbn-final must lie in [0, 1], got %r' % args.pbn_final)
+    if not 0.0 <= args.pbn_global_momentum < 1.0:
+        p.error('--pbn-global-momentum must lie in [0, 1), got %r' % args.pbn_global_momentum)
     cfg_base = {'contexts': contexts, 'steps': steps, 'lr': args.lr, 'width': args.width,
                 'pbn_final': args.pbn_final or None,
+                'pbn_global_momentum': args.pbn_global_momentum,
+                'pbn_backward': args.pbn_backward,
                 'data_seed': args.data_seed,
                 'n_train': 64 if quick else 1600, 'n_val': 32 if quick else 400,
                 'checkpoints': [0.5] if quick else [0.1, 0.25, 0.5, 0.75]}

@@ -106,9 +106,9 @@ def main():
             with autograd.record(True):
                 losses = [criterion(*net(x), y) for x, y in zip(xs, ys)]
             autograd.backward(losses)
-            trainer.step(job.step_batch(cfg.batch_size))
-            if sync is not None:
+            if sync is not None:    # before trainer.step: it reads this step's local gradients
                 sync.step()
+            trainer.step(job.step_batch(cfg.batch_size))
             loss = sum(l.sum().asscalar() for l in losses) / len(data)
             iteration += 1
             progress.set_postfix(loss='%.4f' % loss, lr='%.2e' % lr)

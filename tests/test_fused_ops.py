@@ -183,3 +183,120 @@ def test_first_step_with_low_weight_is_local_batchnorm():
         y, dx, _, _ = reference.batchnorm(xs[k], GAMMA, BETA, EPS, dys[k])
         np.testing.assert_allclose(ys[k], y, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(dxs[k], dx, rtol=1e-3, atol=1e-4)
+
+
+def test_averaged_global_moments_match_numpy():
+    """global_momentum = 0.8: step t mixes in G = 0.8 G + 0.2 G_{t-1} (the first exchange
+    starts the average), 3 steps on 2 contexts with uneven batches; the running statistics
+    follow the same averaged sums."""
+    ctxs = [mx.cpu(0), mx.cpu(1)]
+    w, rate = 0.5, 0.8
+    layer = build(pbn_gluon.ProgressiveBatchNorm(in_channels=C, local_weight=w,
+                                                 global_momentum=rate), ctxs, True)
+    sync = pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs))
+    sizes = [2, 3]
+    average, running_mean, running_var = None, np.zeros(C), np.ones(C)
+    for t in range(3):
+        xs, dys = batches(sizes, t)
+        ys, dxs = step(layer, xs, dys, ctxs, sync)
+        if average is not None:
+            for k in range(2):
+                want = reference.pbn_from_group_sums(xs[k], average, w, GAMMA, BETA, EPS, dys[k])
+                np.testing.assert_allclose(ys[k], want[0], rtol=1e-4, atol=1e-4)
+                np.testing.assert_allclose(dxs[k], want[1], rtol=1e-3, atol=1e-4)
+        current = group_sums_of(xs)
+        average = current if average is None else rate * average + (1 - rate) * current
+        mean = average[0] / average[2]
+        running_mean = 0.9 * running_mean + 0.1 * mean
+        running_var = 0.9 * running_var + 0.1 * (average[1] / average[2] - mean ** 2)
+    for c in ctxs:
+        np.testing.assert_allclose(layer.running_mean.data(c).asnumpy(), running_mean,
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(layer.running_var.data(c).asnumpy(), running_var,
+                                   rtol=1e-5, atol=1e-6)
+
+
+class CountingComm(pbn_gluon.LocalComm):
+    """LocalComm that counts the exchanges it is asked for."""
+    calls = 0
+
+    def allreduce_(self, arrays, tag):
+        self.calls += 1
+        return super().allreduce_(arrays, tag)
+
+    def allgather(self, arrays, tag):
+        self.calls += 1
+        return super().allgather(arrays, tag)
+
+
+@pytest.mark.parametrize("options", [{}, {"global_momentum": 0.8}, {"group_size": 2},
+                                     {"backward": "progressive", "group_size": 2}])
+def test_one_exchange_per_step_for_all_layers(options):
+    """Three PBN layers on 4 contexts: StatsSync calls the communicator once per step."""
+    ctxs = [mx.cpu(i) for i in range(4)]
+    net = gluon.nn.HybridSequential()
+    for _ in range(3):
+        net.add(gluon.nn.Conv2D(C, 3, padding=1), pbn_gluon.ProgressiveBatchNorm(**options))
+    net.initialize(ctx=ctxs)
+    net.hybridize(static_alloc=True)
+    comm = CountingComm(ctxs)
+    sync = pbn_gluon.StatsSync(net, comm)
+    counts = []
+    for t in range(3):
+        xs, _ = batches([1, 2, 1, 2], t, shape=(3, 5, 4))
+        with autograd.record():
+            ys = [net(nd.array(x, ctx=c)) for x, c in zip(xs, ctxs)]
+        autograd.backward(ys)
+        before = comm.calls
+        sync.step()
+        counts.append(comm.calls - before)
+    assert counts == [1, 1, 1]
+
+
+@pytest.mark.parametrize('hybridize', [False, True])
+def test_progressive_backward_matches_numpy(hybridize):
+    """backward='progressive', 4 contexts, uneven batches: step 1's dx mixes the group means
+    of dy and dy*xhat of step 0 (whose forward, with no group sums yet, was local BatchNorm)."""
+    ctxs = [mx.cpu(i) for i in range(4)]
+    w = 0.3
+    layer = build(pbn_gluon.ProgressiveBatchNorm(in_channels=C, local_weight=w,
+                                                 backward='progressive'), ctxs, hybridize)
+    sync = pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs))
+    sizes = [2, 1, 3, 2]
+    x0, dy0 = batches(sizes, 0)
+    step(layer, x0, dy0, ctxs, sync)
+    x1, dy1 = batches(sizes, 1)
+    ys, dxs = step(layer, x1, dy1, ctxs, sync)
+    group = group_sums_of(x0, dy0, rows=5)
+    for k, ctx in enumerate(ctxs):
+        y, dx, dgamma, dbeta = reference.pbn_from_group_sums(x1[k], group, w, GAMMA, BETA, EPS,
+                                                             dy1[k])
+        np.testing.assert_allclose(ys[k], y, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(dxs[k], dx, rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(layer.gamma.grad(ctx).asnumpy(), dgamma, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(layer.beta.grad(ctx).asnumpy(), dbeta, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('backward', ['local', 'progressive'])
+def test_local_weight_one_is_batchnorm_in_both_backwards(backward):
+    """w = 1: whatever the backward option, outputs and gradients are BatchNorm's (step 2)."""
+    ctxs = [mx.cpu(0), mx.cpu(1)]
+    layer = build(pbn_gluon.ProgressiveBatchNorm(in_channels=C, local_weight=1.0,
+                                                 backward=backward), ctxs, True)
+    sync = pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs))
+    for t in range(2):
+        xs, dys = batches([2, 3], t)
+        ys, dxs = step(layer, xs, dys, ctxs, sync)
+    for k in range(2):
+        y, dx, _, _ = reference.batchnorm(xs[k], GAMMA, BETA, EPS, dys[k])
+        np.testing.assert_allclose(ys[k], y, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(dxs[k], dx, rtol=1e-3, atol=1e-4)
+
+
+def test_progressive_backward_needs_gamma_and_beta_gradients():
+    layer = build(pbn_gluon.ProgressiveBatchNorm(in_channels=C, backward='progressive',
+                                                 center=False), [mx.cpu()], False)
+    sync = pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm([mx.cpu()]))
+    step(layer, *batches([2], 0), [mx.cpu()])
+    with pytest.raises(ValueError, match="backward='progressive' needs the gradient"):
+        sync.step()

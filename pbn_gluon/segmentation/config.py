@@ -33,6 +33,10 @@ KEYS = {
     'pbn_steps': (1000, 'PBN: iterations the ramp lasts'),
     'pbn_final': (None, 'PBN: final local weight (null: 1/G)'),
     'pbn_group_size': (None, 'PBN: devices pooled, null (all), an int, or {iteration: size}'),
+    'pbn_global_momentum': (0.0, 'PBN: exponential average of the exchanged moments over '
+                                 'steps (0: the previous step alone)'),
+    'pbn_backward': ('local', 'PBN backward: local (the paper) | progressive (mixes the '
+                              'exchanged dy statistics in)'),
     # devices
     'backend': ('local', 'local (one process) | horovod (horovodrun) | kvstore (dist_sync, '
                          'python -m pbn_gluon.launch)'),
@@ -57,6 +61,7 @@ KEYS = {
 }
 
 CHOICES = {'model': ('deeplab', 'deeplabplus'), 'norm': ('bn', 'syncbn', 'pbn', 'gn'),
+           'pbn_backward': ('local', 'progressive'),
            'backend': ('local', 'horovod', 'kvstore')}
 
 

@@ -73,7 +73,8 @@ def model_from_config(cfg, ctx, in_process=True, initialize=True):
     """get_segmentation_model with the settings of a config (see config.KEYS)."""
     pbn_kwargs = {'local_weight': pbn_local_weight(cfg.pbn_local_weight, cfg.pbn_start,
                                                    cfg.pbn_steps, cfg.pbn_final),
-                  'group_size': cfg.pbn_group_size}
+                  'group_size': cfg.pbn_group_size,
+                  'global_momentum': cfg.pbn_global_momentum, 'backward': cfg.pbn_backward}
     return get_segmentation_model(cfg.model, cfg.backbone, cfg.norm, ctx, in_process, cfg.aux,
                                   cfg.crop_size, cfg.base_size, cfg.pretrained_base,
                                   cfg.gn_groups, pbn_kwargs, initialize)

@@ -71,7 +71,8 @@ def get_norm_layer(norm, ctx, in_process=True, gn_groups=32, pbn_kwargs=None):
 
     syncbn is mxnet.gluon.contrib.nn.SyncBatchNorm for several GPUs of one process (the standard
     SyncBN), else pbn_gluon.SyncBatchNorm: the contrib layer deadlocks on CPU contexts and does
-    not work across processes. pbn_kwargs go to ProgressiveBatchNorm (local_weight, group_size).
+    not work across processes. pbn_kwargs go to ProgressiveBatchNorm (local_weight, group_size,
+    global_momentum, backward).
     """
     ctx = list(ctx)
     if norm == 'bn':
