@@ -153,7 +153,10 @@ class StatsSync:
                 view = flats[i][start:stop].reshape(param.shape)
                 view[:] = arrays[j]
                 if attr == '_grad':     # the backward writes this gradient into the buffer
-                    autograd.mark_variables([param._data[j]], [view], param.grad_req)
+                    data = param._data[j]
+                    fresh = data._fresh_grad    # marking resets it; the Trainer checks it
+                    autograd.mark_variables([data], [view], param.grad_req)
+                    data._fresh_grad = fresh
                 arrays[j] = view
             bound.append((param, attr, arrays, arrays[0]))
 

@@ -54,7 +54,8 @@ class Kernels:
     Each prepare_* allocates the outputs and returns (run, outputs); run() launches."""
 
     NAMES = ('pbn_moments_partial', 'pbn_grad_partial', 'pbn_norm_forward_finalize',
-             'pbn_norm_backward_finalize', 'pbn_sums_finalize', 'pbn_affine', 'pbn_affine_dy')
+             'pbn_norm_backward_finalize', 'pbn_sums_finalize', 'pbn_affine', 'pbn_affine_dy',
+             'pbn_running_update')
 
     def __init__(self):
         with open(os.path.join(CSRC, 'pbn_kernels.cuh')) as f:
@@ -390,3 +391,32 @@ def test_bandwidth(kernels):
     if report:
         with open(report, 'w') as f:
             json.dump(records, f, indent=1)
+
+
+def test_running_update(kernels):
+    """StatsSync's fused running-statistics step: layers of 3 and 5 sum rows, one kernel."""
+    rng = np.random.RandomState(4)
+    channels, rows = [3, 5, 2], [3, 5, 3]
+    stats = rng.uniform(1, 4, sum(r * c for r, c in zip(rows, channels)))
+    starts = np.cumsum([0] + [r * c for r, c in zip(rows, channels)][:-1])
+    first = np.repeat(starts, channels) + np.concatenate([np.arange(c) for c in channels])
+    per = np.repeat(channels, channels)
+    gather = np.stack([first, first + per, first + 2 * per])
+    stats[gather[2]] = rng.randint(1, 50, gather.shape[1])       # counts
+    stats[gather[1]] += stats[gather[0]] ** 2 / stats[gather[2]]  # sum x^2 >= (sum x)^2 / n
+    momentum = np.repeat([0.9, 0.5, 0.99], channels)
+    mean0, var0 = rng.normal(0, 1, len(momentum)), rng.uniform(0.5, 2, len(momentum))
+    rm, rv = cupy.asarray(mean0, f32), cupy.asarray(var0, f32)
+    count = cupy.zeros(1, f32)
+    t = len(momentum)
+    kernels.fn['pbn_running_update']((1,), (kernels.threads,), (
+        cupy.asarray(stats, f32), cupy.asarray(gather, f32), cupy.asarray(momentum, f32),
+        i64(t), rm, rv, count))
+    n = stats[gather[2]]
+    mean = stats[gather[0]] / n
+    var = np.maximum(stats[gather[1]] / n - mean ** 2, 0)
+    np.testing.assert_allclose(cupy.asnumpy(rm), momentum * mean0 + (1 - momentum) * mean,
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cupy.asnumpy(rv), momentum * var0 + (1 - momentum) * var,
+                               rtol=1e-5, atol=1e-6)
+    assert float(count[0]) == t
