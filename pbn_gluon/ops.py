@@ -125,13 +125,16 @@ def _build(path, nvcc):
             return
         fd, tmp = tempfile.mkstemp(suffix='.so', dir=os.path.dirname(path))
         os.close(fd)
-        command = _build_command(tmp, nvcc)
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode:
-            os.unlink(tmp)
-            raise BuildError('building pbn_gluon operators failed:\n$ %s\n%s'
-                             % (' '.join(command), result.stderr[-4000:]))
-        os.replace(tmp, path)
+        try:
+            command = _build_command(tmp, nvcc)
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode:
+                raise BuildError('building pbn_gluon operators failed:\n$ %s\n%s'
+                                 % (' '.join(command), result.stderr[-4000:]))
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def load():
