@@ -25,36 +25,31 @@ __all__ = ['Comm', 'LocalComm', 'KVStoreComm', 'HorovodComm']
 #: seconds the devices of a process have to meet at a SyncBatchNorm layer before it fails
 RENDEZVOUS_TIMEOUT = float(os.environ.get('PBN_GLUON_TIMEOUT', '300'))
 
-#: copies of MXNet's shared CPU resources, per CPU context, that SyncBatchNorm in one process
-#: asks for (MXNet's default: 4); temp-space copies are allocated on first use
-CPU_COPIES_PER_CONTEXT = {'MXNET_CPU_TEMP_COPY': 2048}
-_MXNET_DEFAULT_COPIES = {'MXNET_CPU_TEMP_COPY': 4}
+#: MXNET_CPU_TEMP_COPY per CPU context that SyncBatchNorm in one process asks for (MXNet's
+#: default: 4 copies shared by all contexts; temp-space copies are allocated on first use)
+TEMP_COPIES_PER_CPU_CONTEXT = 2048
 
 CPU_RESOURCE_ADVICE = (
     'All CPU contexts of a process share MXNet\'s temp-space copies, handed out round-robin to '
     'graph nodes; two devices\' nodes on one copy run in push order, and across a '
-    'SyncBatchNorm exchange that order can wait on itself. Set %s before importing mxnet, or '
-    'use one process per device (Horovod).')
+    'SyncBatchNorm exchange that order can wait on itself. Set MXNET_CPU_TEMP_COPY=%d (%d per '
+    'context) before importing mxnet, or use one process per device (Horovod).')
 
 
 def cpu_resource_env(num_contexts):
     """The environment (name -> value) that SyncBatchNorm on `num_contexts` CPU contexts of one
     process needs, set before mxnet is imported (scripts and tests pass it to subprocesses)."""
-    return {name: str(per * num_contexts) for name, per in CPU_COPIES_PER_CONTEXT.items()}
+    return {'MXNET_CPU_TEMP_COPY': str(TEMP_COPIES_PER_CPU_CONTEXT * num_contexts)}
 
 
 def cpu_resource_advice(contexts):
     """None, or why SyncBatchNorm on these contexts of one process may stall (too few shared
-    CPU resource copies) and what to set."""
+    CPU temp-space copies) and what to set."""
     cpu = [c for c in contexts if c.device_type == 'cpu']
-    if len(cpu) < 2:
+    wanted = TEMP_COPIES_PER_CPU_CONTEXT * len(cpu)
+    if len(cpu) < 2 or int(os.environ.get('MXNET_CPU_TEMP_COPY', '4')) >= wanted:
         return None
-    wanted = cpu_resource_env(len(cpu))
-    short = {k: v for k, v in wanted.items()
-             if int(os.environ.get(k, _MXNET_DEFAULT_COPIES[k])) < int(v)}
-    if not short:
-        return None
-    return CPU_RESOURCE_ADVICE % ' '.join('%s=%s' % kv for kv in sorted(short.items()))
+    return CPU_RESOURCE_ADVICE % (wanted, TEMP_COPIES_PER_CPU_CONTEXT)
 
 
 class Comm:

@@ -71,6 +71,12 @@ PbnLayout layout_of(const Shape& shape, int axis) {
   return l;
 }
 
+/* The (outer, channels, inner) view of `t` around the operator's channel axis. */
+PbnLayout data_layout(const std::unordered_map<std::string, std::string>& attrs,
+                      const MXTensor& t) {
+  return layout_of(t.shape, channel_axis(attrs, static_cast<int>(t.shape.size())));
+}
+
 PbnMode mode_of(const std::unordered_map<std::string, std::string>& attrs, bool training) {
   PbnMode mode;
   mode.training = training;
@@ -240,7 +246,7 @@ MXReturnValue norm_forward_cpu(const std::unordered_map<std::string, std::string
                                std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                                const OpResource& res) {
   MXTensor& data = inputs->at(kData);
-  PbnLayout l = layout_of(data.shape, channel_axis(attrs, static_cast<int>(data.shape.size())));
+  PbnLayout l = data_layout(attrs, data);
   const float* x = data.data<float>();
   const float* gamma = inputs->at(kGamma).data<float>();
   const float* beta = inputs->at(kBeta).data<float>();
@@ -285,7 +291,7 @@ MXReturnValue norm_backward_cpu(const std::unordered_map<std::string, std::strin
                                 std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                                 const OpResource& res) {
   MXTensor& data = inputs->at(kFwdInputs + kData);
-  PbnLayout l = layout_of(data.shape, channel_axis(attrs, static_cast<int>(data.shape.size())));
+  PbnLayout l = data_layout(attrs, data);
   const float* dy = inputs->at(kGradOut).data<float>();
   const float* x = data.data<float>();
   const float* gamma = inputs->at(kFwdInputs + kGamma).data<float>();
@@ -300,12 +306,10 @@ MXReturnValue norm_backward_cpu(const std::unordered_map<std::string, std::strin
   float* dgamma = outputs->at(kGamma).data<float>();
   float* dbeta = outputs->at(kBeta).data<float>();
   float* dgroup = outputs->at(kGroupSums).data<float>();
-  for (int i = kRunningMean; i < kNumNormInputs; ++i) {
-    if (i == kGroupSums || i >= static_cast<int>(outputs->size())) continue;
+  for (size_t i = kRunningMean; i < outputs->size(); ++i) {   /* rows 0, 1 of dgroup below */
     MXTensor& t = outputs->at(i);
     std::memset(t.data_ptr, 0, t.size() * sizeof(float));
   }
-  std::memset(dgroup, 0, outputs->at(kGroupSums).size() * sizeof(float));
   const double n = static_cast<double>(l.outer * l.inner);
 
 #pragma omp parallel for schedule(static)
@@ -328,7 +332,7 @@ MXReturnValue sums_forward_cpu(const std::unordered_map<std::string, std::string
                                std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                                const OpResource& res) {
   MXTensor& data = inputs->at(0);
-  PbnLayout l = layout_of(data.shape, channel_axis(attrs, static_cast<int>(data.shape.size())));
+  PbnLayout l = data_layout(attrs, data);
   const float* x = data.data<float>();
   float* sums = outputs->at(0).data<float>();
   const long n = l.outer * l.inner;
@@ -348,7 +352,7 @@ MXReturnValue sums_backward_cpu(const std::unordered_map<std::string, std::strin
                                 const OpResource& res) {
   const float* dsums = inputs->at(0).data<float>();
   MXTensor& data = inputs->at(1);
-  PbnLayout l = layout_of(data.shape, channel_axis(attrs, static_cast<int>(data.shape.size())));
+  PbnLayout l = data_layout(attrs, data);
   float* dx = outputs->at(0).data<float>();
 #pragma omp parallel for schedule(static)
   for (long c = 0; c < l.channels; ++c) {
@@ -417,7 +421,7 @@ MXReturnValue norm_forward_gpu(const std::unordered_map<std::string, std::string
                                std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                                const OpResource& res) {
   MXTensor& data = inputs->at(kData);
-  PbnLayout l = layout_of(data.shape, channel_axis(attrs, static_cast<int>(data.shape.size())));
+  PbnLayout l = data_layout(attrs, data);
   PbnMode mode = mode_of(attrs, true);  /* the kernel reads is_inference on the device */
   return pbn_norm_forward_cuda(
       l, mode, data.data<float>(), inputs->at(kGamma).data<float>(),
@@ -433,7 +437,7 @@ MXReturnValue norm_backward_gpu(const std::unordered_map<std::string, std::strin
                                 std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                                 const OpResource& res) {
   MXTensor& data = inputs->at(kFwdInputs + kData);
-  PbnLayout l = layout_of(data.shape, channel_axis(attrs, static_cast<int>(data.shape.size())));
+  PbnLayout l = data_layout(attrs, data);
   PbnMode mode = mode_of(attrs, true);
   MXTensor& group = inputs->at(kFwdInputs + kGroupSums);
   for (int i = kRunningMean; i < static_cast<int>(outputs->size()); ++i) {
@@ -458,7 +462,7 @@ MXReturnValue sums_forward_gpu(const std::unordered_map<std::string, std::string
                                std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                                const OpResource& res) {
   MXTensor& data = inputs->at(0);
-  PbnLayout l = layout_of(data.shape, channel_axis(attrs, static_cast<int>(data.shape.size())));
+  PbnLayout l = data_layout(attrs, data);
   return pbn_sums_forward_cuda(l, data.data<float>(), outputs->at(0).data<float>(), res)
       ? MX_SUCCESS : MX_FAIL;
 }
@@ -467,7 +471,7 @@ MXReturnValue sums_backward_gpu(const std::unordered_map<std::string, std::strin
                                 std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                                 const OpResource& res) {
   MXTensor& data = inputs->at(1);
-  PbnLayout l = layout_of(data.shape, channel_axis(attrs, static_cast<int>(data.shape.size())));
+  PbnLayout l = data_layout(attrs, data);
   return pbn_sums_backward_cuda(l, inputs->at(0).data<float>(), data.data<float>(),
                                 outputs->at(0).data<float>(), res) ? MX_SUCCESS : MX_FAIL;
 }
