@@ -25,31 +25,39 @@ __all__ = ['Comm', 'LocalComm', 'KVStoreComm', 'HorovodComm']
 #: seconds the devices of a process have to meet at a SyncBatchNorm layer before it fails
 RENDEZVOUS_TIMEOUT = float(os.environ.get('PBN_GLUON_TIMEOUT', '300'))
 
-#: MXNET_CPU_TEMP_COPY per CPU context that SyncBatchNorm in one process asks for (MXNet's
-#: default: 4 copies shared by all contexts; temp-space copies are allocated on first use)
+#: MXNet's CPU resource copies per CPU context that SyncBatchNorm in one process asks for.
+#: MXNet's defaults are shared by ALL CPU contexts of a process: 4 temp-space copies (allocated
+#: on first use) and 1 parallel-random copy (~5 MB each, allocated up front; Dropout takes one)
 TEMP_COPIES_PER_CPU_CONTEXT = 2048
+RANDOM_COPIES_PER_CPU_CONTEXT = 8
 
 CPU_RESOURCE_ADVICE = (
-    'All CPU contexts of a process share MXNet\'s temp-space copies, handed out round-robin to '
-    'graph nodes; two devices\' nodes on one copy run in push order, and across a '
-    'SyncBatchNorm exchange that order can wait on itself. Set MXNET_CPU_TEMP_COPY=%d (%d per '
-    'context) before importing mxnet, or use one process per device (Horovod).')
+    'All CPU contexts of a process share MXNet\'s resource copies (temp space, and the random '
+    'generators that Dropout uses), handed out round-robin to graph nodes; two devices\' nodes '
+    'on one copy run in push order, and across a SyncBatchNorm exchange that order waits on '
+    'itself (e.g. device 0\'s Dropout after the exchange holds the copy that device 1\'s '
+    'Dropout before it needs). Set %s before importing mxnet, or use one process per device '
+    '(Horovod).')
 
 
 def cpu_resource_env(num_contexts):
     """The environment (name -> value) that SyncBatchNorm on `num_contexts` CPU contexts of one
     process needs, set before mxnet is imported (scripts and tests pass it to subprocesses)."""
-    return {'MXNET_CPU_TEMP_COPY': str(TEMP_COPIES_PER_CPU_CONTEXT * num_contexts)}
+    return {'MXNET_CPU_TEMP_COPY': str(TEMP_COPIES_PER_CPU_CONTEXT * num_contexts),
+            'MXNET_CPU_PARALLEL_RAND_COPY': str(RANDOM_COPIES_PER_CPU_CONTEXT * num_contexts)}
 
 
 def cpu_resource_advice(contexts):
     """None, or why SyncBatchNorm on these contexts of one process may stall (too few shared
-    CPU temp-space copies) and what to set."""
+    CPU resource copies) and what to set."""
     cpu = [c for c in contexts if c.device_type == 'cpu']
-    wanted = TEMP_COPIES_PER_CPU_CONTEXT * len(cpu)
-    if len(cpu) < 2 or int(os.environ.get('MXNET_CPU_TEMP_COPY', '4')) >= wanted:
+    defaults = {'MXNET_CPU_TEMP_COPY': 4, 'MXNET_CPU_PARALLEL_RAND_COPY': 1}
+    wanted = cpu_resource_env(len(cpu))
+    short = {name: value for name, value in wanted.items()
+             if int(os.environ.get(name, defaults[name])) < int(value)}
+    if len(cpu) < 2 or not short:
         return None
-    return CPU_RESOURCE_ADVICE % (wanted, TEMP_COPIES_PER_CPU_CONTEXT)
+    return CPU_RESOURCE_ADVICE % ' '.join('%s=%s' % kv for kv in sorted(short.items()))
 
 
 class Comm:

@@ -32,6 +32,8 @@ from .sync_norm import SyncBatchNorm, attach, exchange_tag
 __all__ = ['StatsSync', 'find_norm_layers']
 
 EXCHANGE_TAG = 'pbn_gluon.stats'
+#: steps between two reads of the exchanges' finiteness record (one small read per device)
+HEALTH_READ_INTERVAL = 16
 
 
 def find_norm_layers(net):
@@ -97,6 +99,10 @@ class StatsSync:
         self.step_count = 0
         self._bound = None
         self._weights = None
+        self._health = []
+        self._nonfinite_steps = self._nonfinite_offset = 0
+        self._health_read = 0
+        self._warned = False
 
     def _prepare_syncbn(self):
         channels = [layer.gamma.shape[0] if layer.gamma.shape else 0 for layer in self.syncbn]
@@ -104,8 +110,8 @@ class StatsSync:
             if self.comm.needs_prepare:
                 raise ValueError(
                     '%s needs the channel counts of every SyncBatchNorm before training: give '
-                    'in_channels, or run one forward pass outside autograd.record() (which '
-                    'exchanges nothing) before creating StatsSync' % self.comm)
+                    'in_channels, or let a HybridBlock infer them without running the net, '
+                    'net.infer_shape(example_input), before creating StatsSync' % self.comm)
             return
         self.comm.prepare([(exchange_tag(i, d), (3, c)) for i, c in enumerate(channels)
                            for d in ('fwd', 'bwd')])
@@ -186,14 +192,25 @@ class StatsSync:
         self._momentum = [nd.array(momentum, ctx=c) for c in ctxs]
         self._pbn_size = pbn_size
         self._pbn_sizes = sizes[:len(self.pbn)]
-        averaged = [l.global_momentum for l in self.pbn]
-        self._average = None
-        if any(averaged):   # per-element momentum of the exponential average of group sums
-            rate = np.repeat(averaged, self._pbn_sizes).astype(np.float32)
-            self._average = [(nd.zeros(pbn_size, ctx=c), nd.array(rate, ctx=c),
-                              nd.array(1 - rate, ctx=c)) for c in ctxs]   # scratch, a, 1 - a
+        # per-element momentum of the exponential average of group sums (0: not averaged)
+        rate = np.repeat([l.global_momentum for l in self.pbn], self._pbn_sizes)
+        self._averaging = bool(rate.any())
+        if self.pbn:
+            self._scratch = [nd.zeros(pbn_size, ctx=c) for c in ctxs]
+            self._rate = [nd.array(rate, ctx=c) for c in ctxs]
+            self._no_rate = [nd.zeros(pbn_size, ctx=c) for c in ctxs]
+        self._reset_health()
         self._group_masks = {}
         self._weights = None
+
+    def _reset_health(self):
+        """pbn_accept_sums' record per device: [steps with non-finite group sums, the first,
+        steps with non-finite local sums, the first, exchanges since step _health_base]."""
+        self._read_health()
+        self._nonfinite_offset = self._nonfinite_steps
+        self._health = [nd.array([0, -1, 0, -1, 0], ctx=c)
+                        for c in self.comm.contexts] if self.pbn else []
+        self._health_base = self.step_count
 
     def _check_same_net(self, channels):
         """Processes whose nets differ would exchange mismatched buffers: fail clearly."""
@@ -216,6 +233,8 @@ class StatsSync:
         if self._stale():
             self._bind()
         t = self.step_count
+        if self.pbn and t - self._health_read >= HEALTH_READ_INTERVAL:
+            self._read_health()     # before this step's exchange: reads what is computed
         if self.pbn:
             self._exchange(t)
         self._update_running()
@@ -227,10 +246,10 @@ class StatsSync:
 
     def _exchange(self, t):
         sizes = self._group_sizes(t)
-        averaging = self._average is not None and t > 0
+        averaging = self._averaging and t > 0
         targets = [s[:self._pbn_size] for s in self.stats]
         if all(g == self.comm.size for g in sizes):
-            sums = [a for a, _, _ in self._average] if averaging else targets
+            sums = self._scratch
             for src, dst in zip(self.local, sums):
                 dst[:] = src        # sum a copy: the local buffer also holds gradients
             self.comm.allreduce_(sums, EXCHANGE_TAG)
@@ -239,11 +258,42 @@ class StatsSync:
             sums = [self._group_sum(rank, rows, sizes, ctx) for rank, rows, ctx
                     in zip(self.comm.ranks, gathered, self.comm.contexts)]
         for i, (new, dst) in enumerate(zip(sums, targets)):
-            if averaging:       # G <- a G + (1 - a) G_t
-                _, rate, rest = self._average[i]
-                dst[:] = rate * dst + rest * new
-            elif new is not dst:
-                dst[:] = new
+            # G <- a G + (1 - a) G_t, or the previous G when a sum of G_t is not finite (a NaN
+            # batch on a device of the group: NaN and Inf survive the sum, so every device of
+            # the group decides alike without another exchange); health counts such steps
+            rate = self._rate[i] if averaging else self._no_rate[i]
+            nd.pbn_accept_sums(self.local[i], new, rate, dst, self._health[i])
+
+    def _read_health(self):
+        """Count the steps with non-finite statistics and warn at the first: reads the 5-number
+        record that pbn_accept_sums keeps per device (waits for the exchanges written so far)."""
+        self._health_read = self.step_count
+        if not self._health:
+            return
+        records = [h.asnumpy() for h in self._health]
+        count = self._nonfinite_offset + int(max(r[0] for r in records))
+        if count == self._nonfinite_steps:
+            return
+        self._nonfinite_steps = count
+        if self._warned:
+            return
+        self._warned = True
+        first = min(r[1] for r in records if r[0] > 0) + self._health_base
+        devices = ['%s (rank %d)' % (c, r) for c, r, rec in
+                   zip(self.comm.contexts, self.comm.ranks, records) if rec[2] > 0]
+        warnings.warn(
+            'StatsSync: step %d: non-finite batch statistics (NaN or Inf) on %s; the global '
+            'moments of such steps are left out and the previous ones kept. Later ones are '
+            'counted in StatsSync.nonfinite_steps without a warning.'
+            % (first, ', '.join(devices) if devices else 'a device of another process'),
+            RuntimeWarning, stacklevel=3)
+
+    @property
+    def nonfinite_steps(self):
+        """Steps whose global moments were left out because statistics in the device's group
+        were not finite (NaN or Inf). Reading it waits for the latest exchange."""
+        self._read_health()
+        return self._nonfinite_steps
 
     def _group_sum(self, rank, rows, sizes, ctx):
         """Each layer's sum over the group of `rank`, from the all-gathered rows."""
@@ -300,6 +350,7 @@ class StatsSync:
         for src, dst in zip(stats, self.stats):
             dst[:] = src
         self.step_count = int(state['step'])
+        self._reset_health()
         self._weights = None
         if self.step_count:
             self._set_weights(self.step_count)

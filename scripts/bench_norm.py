@@ -166,9 +166,8 @@ def run_worker(args):
         trainer = gluon.Trainer(net.collect_params(), 'sgd', optimizer_params, kvstore=kvstore,
                                 update_on_kvstore=False if args.worker == 'kvstore' else None)
     if args.model == 'deeplab' and args.norm == 'syncbn' and comm.needs_prepare:
-        # SyncBN over dist_sync needs the channel counts: one inference pass (no exchange).
-        # MXNet 1.9's dist_sync Trainer then fails on the server ('init 4 first'): see README
-        net(mx.nd.zeros((1, 3, args.image_size, args.image_size), ctx=ctxs[0]))
+        # SyncBN over dist_sync declares its exchanges by channel count: shapes from the graph
+        net.infer_shape(mx.nd.zeros((1, 3, args.image_size, args.image_size), ctx=ctxs[0]))
     sync = pbn_gluon.StatsSync(net, comm) if args.norm != 'bn' else None
     non_blocking, blocking = sync.exchanges_per_step if sync is not None else (0, 0)
 
@@ -289,8 +288,8 @@ def run_config(args, backend, norm, devices):
                              'results. Last output:\n%s\n' % (norm, record['status'],
                                                               record['error']))
         else:
-            sys.stderr.write('\nbench_norm: %s local x%d %s. Last output:\n%s\n'
-                             % (norm, devices, record['status'], record['error']))
+            sys.stderr.write('\nbench_norm: %s %s x%d %s. Last output:\n%s\n'
+                             % (norm, backend, devices, record['status'], record['error']))
     return record
 
 

@@ -26,6 +26,7 @@ from tqdm import tqdm
 import pbn_gluon
 from pbn_gluon.segmentation import (CityscapesSegmentation, checkpoint, epoch_batches,
                                     input_transform, load_config, model_from_config)
+from pbn_gluon.comm import cpu_resource_advice, cpu_resource_env
 from pbn_gluon.segmentation.distributed import Job
 
 
@@ -45,6 +46,20 @@ def seed_epoch(seed, epoch):
     mx.random.seed(seed * 100003 + epoch, ctx='all')
 
 
+def ensure_cpu_resources(cfg, job):
+    """SyncBatchNorm on several CPU contexts of this process needs more of MXNet's CPU resource
+    copies than its defaults (pbn_gluon.comm.cpu_resource_advice), and MXNet reads them when it
+    is imported: start again once, with them set."""
+    if cfg.norm != 'syncbn' or not job.in_process or cpu_resource_advice(job.contexts) is None:
+        return
+    env = dict(os.environ, **cpu_resource_env(len(job.contexts)))
+    print('%s: SyncBatchNorm on %d CPU contexts of one process: restarting with %s'
+          % (sys.argv[0], len(job.contexts), ' '.join('%s=%s' % kv for kv in
+                                                       sorted(cpu_resource_env(len(job.contexts)).items()))),
+          flush=True)
+    os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+
 def main():
     args = parse_args()
     try:
@@ -52,6 +67,7 @@ def main():
     except ValueError as err:
         sys.exit('%s: %s' % (sys.argv[0], err))
     job = Job(cfg.backend, cfg.gpus, cfg.devices)
+    ensure_cpu_resources(cfg, job)
     ctx = job.contexts
 
     # data: each global batch holds batch_size images per device of the job, in rank order
@@ -66,6 +82,11 @@ def main():
     # model, loss, optimizer
     mx.random.seed(cfg.seed, ctx='all')
     net = model_from_config(cfg, ctx, in_process=job.in_process)
+    if cfg.norm == 'syncbn' and job.comm.needs_prepare:
+        # KVStore dist_sync declares SyncBatchNorm's exchanges up front, by channel count: get
+        # every shape from the graph without running it (a forward pass before the Trainer's
+        # first step would break MXNet 1.9's dist_sync Trainer: README, known limitations)
+        net.infer_shape(mx.nd.zeros((1, 3, cfg.crop_size, cfg.crop_size), ctx=ctx[0]))
     job.broadcast(net.collect_params())
     criterion = MixSoftmaxCrossEntropyLoss(aux=cfg.aux, aux_weight=cfg.aux_weight)
     trainer = job.trainer(net.collect_params(), {'learning_rate': cfg.lr, 'momentum': cfg.momentum,

@@ -70,16 +70,20 @@ def test_launcher_stops_the_job_when_a_worker_dies():
 
 
 def test_syncbn_on_cpu_contexts_warns_when_resource_copies_are_too_few(monkeypatch):
-    """Too few MXNet CPU temp-space copies let devices of one process wait on each other."""
+    """Too few MXNet CPU resource copies let devices of one process wait on each other."""
     ctxs = [mx.cpu(i) for i in range(8)]
-    monkeypatch.setenv('MXNET_CPU_TEMP_COPY', '4')
-    assert 'MXNET_CPU_TEMP_COPY=16384' in pbn_gluon.comm.cpu_resource_advice(ctxs)
+    monkeypatch.delenv('MXNET_CPU_TEMP_COPY', raising=False)
+    monkeypatch.setenv('MXNET_CPU_PARALLEL_RAND_COPY', '64')
+    advice = pbn_gluon.comm.cpu_resource_advice(ctxs)
+    assert 'MXNET_CPU_TEMP_COPY=16384' in advice and 'RAND_COPY' not in advice
     assert pbn_gluon.comm.cpu_resource_advice(ctxs[:1]) is None    # one device: no exchange
+    monkeypatch.setenv('MXNET_CPU_PARALLEL_RAND_COPY', '1')
     layer = pbn_gluon.SyncBatchNorm(in_channels=3)
     layer.initialize(ctx=ctxs[:2])
-    with pytest.warns(UserWarning, match='MXNET_CPU_TEMP_COPY=4096'):
+    with pytest.warns(UserWarning, match='MXNET_CPU_PARALLEL_RAND_COPY=16 MXNET_CPU_TEMP_COPY=4096'):
         pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs[:2]))
     monkeypatch.setenv('MXNET_CPU_TEMP_COPY', '16384')
+    monkeypatch.setenv('MXNET_CPU_PARALLEL_RAND_COPY', '64')
     assert pbn_gluon.comm.cpu_resource_advice(ctxs) is None
 
 

@@ -31,8 +31,9 @@ def train_command(config, root, run_dir, *settings):
             '--set', 'data_root=%s' % root, 'run_dir=%s' % run_dir] + list(settings)
 
 
-def run(command, timeout=240):
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def run(command, timeout=240, env=None):
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                            env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -71,11 +72,16 @@ def assert_learns(run_dir, iterations):
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize('norm', ['bn', 'pbn'])
+@pytest.mark.parametrize('norm', ['bn', 'pbn', 'syncbn'])
 def test_two_contexts_learn_a_repeated_batch_and_evaluate(norm, fake_root, tmp_path):
+    """syncbn: train.py restarts itself with MXNet's CPU resource settings (MXNet's defaults,
+    as a user has them, stall DeepLab: README)."""
     run_dir = tmp_path / 'run'
-    run(train_command('cpu_fake_%s.yaml' % norm, fake_root, run_dir, 'overfit_batches=1',
-                      'epochs=3'))
+    env = {k: v for k, v in os.environ.items() if not k.startswith('MXNET_CPU_')}
+    result = run(train_command('cpu_fake_%s.yaml' % norm, fake_root, run_dir,
+                               'overfit_batches=1', 'epochs=3'), env=env)
+    assert ('restarting with MXNET_CPU_PARALLEL_RAND_COPY=16' in result.stdout) == \
+        (norm == 'syncbn')
     assert_learns(run_dir, 3)
     evaluate_like_the_benchmark('cpu_fake_%s.yaml' % norm, fake_root, run_dir, tmp_path)
 
@@ -83,13 +89,24 @@ def test_two_contexts_learn_a_repeated_batch_and_evaluate(norm, fake_root, tmp_p
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize('norm', ['syncbn', 'pbn'])
 def test_two_horovod_processes_learn_a_repeated_batch_and_evaluate(norm, fake_root, tmp_path):
-    """syncbn runs on Horovod: over 2 CPU contexts of one process it stalls on DeepLab."""
     run_dir = tmp_path / 'run'
     run(HOROVODRUN + train_command('cpu_fake_%s.yaml' % norm, fake_root, run_dir,
                                    'backend=horovod', 'devices=1', 'overfit_batches=1',
                                    'epochs=3'))
     assert_learns(run_dir, 3)
     evaluate_like_the_benchmark('cpu_fake_%s.yaml' % norm, fake_root, run_dir, tmp_path)
+
+
+@pytest.mark.timeout(400)
+def test_kvstore_workers_learn_a_repeated_batch_with_syncbn(fake_root, tmp_path):
+    """SyncBatchNorm over dist_sync declares its exchanges from shapes that train.py infers
+    without running the net (a forward pass before the Trainer's first step breaks MXNet's
+    dist_sync server, plain BatchNorm included)."""
+    run_dir = tmp_path / 'run'
+    run([sys.executable, '-m', 'pbn_gluon.launch', '-n', '2', '--timeout', '300', '--'] +
+        train_command('cpu_fake_syncbn.yaml', fake_root, run_dir, 'backend=kvstore',
+                      'devices=1', 'overfit_batches=1', 'epochs=3'), timeout=360)
+    assert_learns(run_dir, 3)
 
 
 @pytest.mark.slow

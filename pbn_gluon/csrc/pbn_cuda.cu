@@ -182,3 +182,11 @@ bool pbn_running_update_cuda(const float* stats, const float* gather, const floa
       stats, gather, momentum, channels, running_mean, running_var, channel_count);
   return launched("pbn_running_update");
 }
+
+bool pbn_accept_sums_cuda(const float* local, const float* group, const float* rate, long k,
+                          float* global, float* health, float* group_ok,
+                          const mxnet::ext::OpResource& res) {
+  pbn_accept_sums<<<1, PBN_THREADS, 0, res.get_cuda_stream()>>>(local, group, rate, k, global,
+                                                                health, group_ok);
+  return launched("pbn_accept_sums");
+}

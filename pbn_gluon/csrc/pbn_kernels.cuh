@@ -16,6 +16,7 @@
  *   pbn_affine, pbn_affine_dy  elementwise over all A * C rows, grid-stride:
  *                              out = s x_coef[c] x + offset[c] (+ dy_coef[c] dy)
  *   pbn_running_update         per channel of a whole net: running statistics from group sums
+ *   pbn_accept_sums            one block: StatsSync's finiteness check and (averaged) update
  *
  * Launch every kernel with PBN_THREADS threads. Per-thread sums are float (each thread adds
  * a few hundred shifted values at most), partials across splits are combined in double.
@@ -296,6 +297,33 @@ extern "C" __global__ void pbn_running_update(const float* __restrict__ stats,
     pbn_running_channel(stats[(long)gather[i]], stats[(long)gather[T + i]],
                         stats[(long)gather[2 * T + i]], momentum[i], running_mean + i,
                         running_var + i);
+  }
+}
+
+/* Launch with ONE block of PBN_THREADS threads (K is a net's exchange buffer, small): the
+ * block agrees whether every local and group sum is finite, then updates global (if so) and
+ * the health record (pbn_math.h). */
+extern "C" __global__ void pbn_accept_sums(const float* __restrict__ local,
+                                           const float* __restrict__ group,
+                                           const float* __restrict__ rate, long K,
+                                           float* __restrict__ global,
+                                           float* __restrict__ health,
+                                           float* __restrict__ group_ok) {
+  int local_ok = 1, ok = 1;
+  for (long i = threadIdx.x; i < K; i += blockDim.x) {
+    local_ok &= isfinite(local[i]) ? 1 : 0;
+    ok &= isfinite(group[i]) ? 1 : 0;
+  }
+  local_ok = __syncthreads_and(local_ok);
+  ok = __syncthreads_and(ok);
+  if (ok) {
+    for (long i = threadIdx.x; i < K; i += blockDim.x) {
+      global[i] = rate[i] * global[i] + (1.f - rate[i]) * group[i];
+    }
+  }
+  if (threadIdx.x == 0) {
+    pbn_record_health(local_ok != 0, ok != 0, health);
+    *group_ok = ok ? 1.f : 0.f;
   }
 }
 

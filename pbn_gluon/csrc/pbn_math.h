@@ -122,4 +122,20 @@ PBN_HD void pbn_running_channel(double s1, double s2, double n, double momentum,
   *running_var = (float)(momentum * *running_var + (1.0 - momentum) * var);
 }
 
+/* pbn_accept_sums' bookkeeping of one call, in health = [steps whose group sums were not
+ * finite, the first of them, steps whose local sums were not finite, the first of them, calls]
+ * (steps counted in calls, the firsts -1 until set). */
+PBN_HD void pbn_record_health(bool local_ok, bool group_ok, float* health) {
+  float call = health[4];
+  if (!group_ok) {
+    if (health[0] == 0.f) health[1] = call;
+    health[0] += 1.f;
+  }
+  if (!local_ok) {
+    if (health[2] == 0.f) health[3] = call;
+    health[2] += 1.f;
+  }
+  health[4] = call + 1.f;
+}
+
 #endif  /* PBN_MATH_H_ */

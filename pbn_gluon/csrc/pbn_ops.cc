@@ -12,6 +12,10 @@
  *   pbn_running_update(stats, gather, momentum; running_mean, running_var [aux, written]) -> T
  *       StatsSync's step for all T channels of a net at once: channel i's group sums are
  *       stats[gather[0, i]], stats[gather[1, i]], stats[gather[2, i]] (BatchNorm's update).
+ *   pbn_accept_sums(local, group, rate; global, health [aux, written]) -> (1,) group finite
+ *       StatsSync's acceptance of an exchange, one pass over its K sums: when every group sum is
+ *       finite, global = rate global + (1 - rate) group; otherwise global is kept. health
+ *       (pbn_math.h: pbn_record_health) counts the calls whose local or group sums were not.
  *
  * Data is seen as (A, C, B) around the channel axis `axis`. float32 data; sums are
  * accumulated in double around a per-channel shift (the channel's first element), so the
@@ -414,6 +418,59 @@ MXReturnValue running_update_cpu(const std::unordered_map<std::string, std::stri
   return MX_SUCCESS;
 }
 
+enum AcceptInput { kLocal, kGroup, kRate, kGlobal, kHealth, kNumAcceptInputs };
+
+MXReturnValue accept_parse(const std::unordered_map<std::string, std::string>& attrs,
+                           int* num_in, int* num_out) {
+  *num_in = kNumAcceptInputs;
+  *num_out = 1;
+  return MX_SUCCESS;
+}
+
+MXReturnValue accept_shape(const std::unordered_map<std::string, std::string>& attrs,
+                           std::vector<std::vector<unsigned int>>* in,
+                           std::vector<std::vector<unsigned int>>* out) {
+  const std::vector<unsigned int>& k = in->at(kLocal);
+  bool ok = k.size() == 1 && in->at(kGroup) == k && in->at(kRate) == k &&
+            in->at(kGlobal) == k && in->at(kHealth) == std::vector<unsigned int>{5u};
+  if (!ok) {
+    MX_ERROR_MSG << "pbn_accept_sums: local, group, rate and global must be (K,), health (5,)";
+    return MX_FAIL;
+  }
+  out->assign(1, {1u});
+  return MX_SUCCESS;
+}
+
+MXReturnValue accept_mutates(const std::unordered_map<std::string, std::string>& attrs,
+                             std::vector<int>* indices) {
+  indices->push_back(kGlobal);
+  indices->push_back(kHealth);
+  return MX_SUCCESS;
+}
+
+bool all_finite(const float* p, long n) {
+  bool ok = true;
+  for (long i = 0; i < n; ++i) ok &= std::isfinite(p[i]);
+  return ok;
+}
+
+MXReturnValue accept_sums_cpu(const std::unordered_map<std::string, std::string>& attrs,
+                              std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
+                              const OpResource& res) {
+  const long k = static_cast<long>(inputs->at(kLocal).size());
+  const float* group = inputs->at(kGroup).data<float>();
+  const float* rate = inputs->at(kRate).data<float>();
+  float* global = inputs->at(kGlobal).data<float>();
+  bool group_ok = all_finite(group, k);
+  if (group_ok) {
+    for (long i = 0; i < k; ++i) global[i] = rate[i] * global[i] + (1.f - rate[i]) * group[i];
+  }
+  pbn_record_health(all_finite(inputs->at(kLocal).data<float>(), k), group_ok,
+                    inputs->at(kHealth).data<float>());
+  outputs->at(0).data<float>()[0] = group_ok ? 1.f : 0.f;
+  return MX_SUCCESS;
+}
+
 /* ------------------------------------- dispatch ----------------------------------------- */
 
 #ifdef PBN_WITH_CUDA
@@ -486,6 +543,17 @@ MXReturnValue running_update_gpu(const std::unordered_map<std::string, std::stri
       outputs->at(0).data<float>(), res)
       ? MX_SUCCESS : MX_FAIL;
 }
+
+MXReturnValue accept_sums_gpu(const std::unordered_map<std::string, std::string>& attrs,
+                              std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
+                              const OpResource& res) {
+  return pbn_accept_sums_cuda(
+      inputs->at(kLocal).data<float>(), inputs->at(kGroup).data<float>(),
+      inputs->at(kRate).data<float>(), static_cast<long>(inputs->at(kLocal).size()),
+      inputs->at(kGlobal).data<float>(), inputs->at(kHealth).data<float>(),
+      outputs->at(0).data<float>(), res)
+      ? MX_SUCCESS : MX_FAIL;
+}
 #endif
 
 }  // namespace
@@ -523,6 +591,17 @@ REGISTER_OP(pbn_running_update)
     .setForward(running_update_cpu, "cpu")
 #ifdef PBN_WITH_CUDA
     .setForward(running_update_gpu, "gpu")
+#endif
+    ;
+
+REGISTER_OP(pbn_accept_sums)
+    .setParseAttrs(accept_parse)
+    .setInferType(all_float32)
+    .setInferShape(accept_shape)
+    .setMutateInputs(accept_mutates)
+    .setForward(accept_sums_cpu, "cpu")
+#ifdef PBN_WITH_CUDA
+    .setForward(accept_sums_gpu, "gpu")
 #endif
     ;
 

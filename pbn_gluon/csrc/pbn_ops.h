@@ -32,6 +32,9 @@ bool pbn_zero_cuda(float* p, long n, const mxnet::ext::OpResource& res);
 bool pbn_running_update_cuda(const float* stats, const float* gather, const float* momentum,
                              long channels, float* running_mean, float* running_var,
                              float* channel_count, const mxnet::ext::OpResource& res);
+bool pbn_accept_sums_cuda(const float* local, const float* group, const float* rate, long k,
+                          float* global, float* health, float* group_ok,
+                          const mxnet::ext::OpResource& res);
 #endif
 
 #endif  /* PBN_OPS_H_ */
