@@ -8,7 +8,8 @@ SGD with momentum, poly learning rate, auxiliary loss).
     python -m pbn_gluon.launch -n 2 -- python scripts/train.py --config X.yaml \
         --set backend=kvstore
 
-Writes to the config's run_dir: metrics.jsonl (epoch, iter, loss, lr, step_s), and a checkpoint
+Writes to the config's run_dir: metrics.jsonl (epoch, iter, loss, lr, step_s, and with PBN
+nonfinite_stats_steps: steps whose statistics had a NaN or Inf, left out), and a checkpoint
 after every epoch; --resume continues from the last one exactly as if never stopped. With
 horovod or kvstore, the root process writes, and run_dir must be shared by every process.
 """
@@ -134,8 +135,11 @@ def main():
             iteration += 1
             progress.set_postfix(loss='%.4f' % loss, lr='%.2e' % lr)
             if job.is_root and (iteration % cfg.log_interval == 0 or iteration == total_iters):
-                log.write(json.dumps({'epoch': epoch, 'iter': iteration, 'loss': loss, 'lr': lr,
-                                      'step_s': round(time.time() - tic, 4)}) + '\n')
+                record = {'epoch': epoch, 'iter': iteration, 'loss': loss, 'lr': lr,
+                          'step_s': round(time.time() - tic, 4)}
+                if sync is not None and sync.pbn:   # steps whose global moments were left out
+                    record['nonfinite_stats_steps'] = sync.nonfinite_steps
+                log.write(json.dumps(record) + '\n')
                 log.flush()
         sync_state = checkpoint.gather_sync_state(sync, job.comm) if sync is not None else None
         if job.is_root:

@@ -83,6 +83,9 @@ def test_two_contexts_learn_a_repeated_batch_and_evaluate(norm, fake_root, tmp_p
     assert ('restarting with MXNET_CPU_PARALLEL_RAND_COPY=16' in result.stdout) == \
         (norm == 'syncbn')
     assert_learns(run_dir, 3)
+    with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+        logged = [json.loads(line).get('nonfinite_stats_steps') for line in f]
+    assert logged == [0, 0, 0] if norm == 'pbn' else logged == [None] * 3
     evaluate_like_the_benchmark('cpu_fake_%s.yaml' % norm, fake_root, run_dir, tmp_path)
 
 
