@@ -10,55 +10,14 @@ inside an engine operator.
 - HorovodComm(context): one device per process, Gloo (CPU) or NCCL (GPU) allreduce.
 """
 import atexit
-import collections
-import os
-import sys
 import threading
 
 import mxnet as mx
 from mxnet import ndarray as nd
 
-from . import engine
+from . import rendezvous
 
 __all__ = ['Comm', 'LocalComm', 'KVStoreComm', 'HorovodComm']
-
-#: seconds the devices of a process have to meet at a SyncBatchNorm layer before it fails
-RENDEZVOUS_TIMEOUT = float(os.environ.get('PBN_GLUON_TIMEOUT', '300'))
-
-#: MXNet's CPU resource copies per CPU context that SyncBatchNorm in one process asks for.
-#: MXNet's defaults are shared by ALL CPU contexts of a process: 4 temp-space copies (allocated
-#: on first use) and 1 parallel-random copy (~5 MB each, allocated up front; Dropout takes one)
-TEMP_COPIES_PER_CPU_CONTEXT = 2048
-RANDOM_COPIES_PER_CPU_CONTEXT = 8
-
-CPU_RESOURCE_ADVICE = (
-    'All CPU contexts of a process share MXNet\'s resource copies (temp space, and the random '
-    'generators that Dropout uses), handed out round-robin to graph nodes; two devices\' nodes '
-    'on one copy run in push order, and across a SyncBatchNorm exchange that order waits on '
-    'itself (e.g. device 0\'s Dropout after the exchange holds the copy that device 1\'s '
-    'Dropout before it needs). Set %s before importing mxnet, or use one process per device '
-    '(Horovod).')
-
-
-def cpu_resource_env(num_contexts):
-    """The environment (name -> value) that SyncBatchNorm on `num_contexts` CPU contexts of one
-    process needs, set before mxnet is imported (scripts and tests pass it to subprocesses)."""
-    return {'MXNET_CPU_TEMP_COPY': str(TEMP_COPIES_PER_CPU_CONTEXT * num_contexts),
-            'MXNET_CPU_PARALLEL_RAND_COPY': str(RANDOM_COPIES_PER_CPU_CONTEXT * num_contexts)}
-
-
-def cpu_resource_advice(contexts):
-    """None, or why SyncBatchNorm on these contexts of one process may stall (too few shared
-    CPU resource copies) and what to set."""
-    cpu = [c for c in contexts if c.device_type == 'cpu']
-    defaults = {'MXNET_CPU_TEMP_COPY': 4, 'MXNET_CPU_PARALLEL_RAND_COPY': 1}
-    wanted = cpu_resource_env(len(cpu))
-    short = {name: value for name, value in wanted.items()
-             if int(os.environ.get(name, defaults[name])) < int(value)}
-    if len(cpu) < 2 or not short:
-        return None
-    return CPU_RESOURCE_ADVICE % ' '.join('%s=%s' % kv for kv in sorted(short.items()))
-
 
 class Comm:
     """Interface of a backend. Subclasses set contexts, size, rank_offset and implement
@@ -92,17 +51,16 @@ class Comm:
         raise NotImplementedError
 
     def allreduce_device(self, array, out, tag, device):
-        """Write the job-wide sum of local `device`'s `array` into `out`.
+        """Write the job-wide sum of local `device`'s `array` into `out` (SyncBatchNorm).
 
-        Called once per local device, from MXNet's custom-operator thread, in any order. No
-        one waits: a device that arrives before the others reserves `out` (engine.reserve),
-        the last one pushes the reduction and fills every reserved output (engine.fulfil)."""
+        Called once per local device, from MXNet's custom-operator thread, in any order; the
+        devices of this process meet without waiting (pbn_gluon.rendezvous)."""
         if len(self.contexts) == 1:
             array.copyto(out)
             self.allreduce_([out], tag)
             return
         if self._meeting is None:
-            self._meeting = Meeting(self, RENDEZVOUS_TIMEOUT)
+            self._meeting = rendezvous.Meeting(self, rendezvous.TIMEOUT)
         self._meeting.arrive(tag, self.contexts.index(device), array, out)
 
     def check(self):
@@ -113,58 +71,6 @@ class Comm:
 
     def __repr__(self):
         return '%s(size=%d, contexts=%s)' % (type(self).__name__, self.size, list(self.contexts))
-
-
-class Meeting:
-    """Where the local devices' contributions to a tag meet, round after round."""
-
-    def __init__(self, comm, timeout):
-        self.comm, self.timeout = comm, timeout
-        self.parties = len(comm.contexts)
-        self.failure = None
-        self._lock = threading.Lock()
-        self._rounds = {}
-        self._calls = collections.Counter()
-
-    def arrive(self, tag, index, array, out):
-        with self._lock:
-            round_ = self._calls[tag, index]
-            self._calls[tag, index] += 1
-            key = (tag, round_)
-            entry = self._rounds.setdefault(
-                key, {'copies': [None] * self.parties, 'reserved': {}, 'timer': None})
-            entry['copies'][index] = array.copy()
-            if any(c is None for c in entry['copies']):
-                entry['reserved'][index] = engine.reserve(out)
-                if entry['timer'] is None:
-                    entry['timer'] = threading.Timer(self.timeout, self._expire, (key,))
-                    entry['timer'].daemon = True
-                    entry['timer'].start()
-                return
-            del self._rounds[key]
-        if entry['timer'] is not None:
-            entry['timer'].cancel()
-        copies = entry['copies']
-        self.comm.allreduce_(copies, tag)
-        for j, reservation in entry['reserved'].items():
-            engine.fulfil(reservation, copies[j])
-        copies[index].copyto(out)
-
-    def _expire(self, key):
-        with self._lock:
-            entry = self._rounds.pop(key, None)
-        if entry is None:
-            return
-        missing = [i for i, c in enumerate(entry['copies']) if c is None]
-        advice = cpu_resource_advice(self.comm.contexts)
-        self.failure = TimeoutError(
-            'device(s) %s of %s did not reach %s within %.0f s (round %d): every device of the '
-            'process must run the forward and backward of each step.%s'
-            % (missing, self.comm.contexts, key[0], self.timeout, key[1],
-               ' ' + advice if advice else ''))
-        sys.stderr.write('pbn_gluon: %s\n' % self.failure)
-        for reservation in entry['reserved'].values():
-            engine.release(reservation)
 
 
 class LocalComm(Comm):

@@ -14,10 +14,18 @@ one process use mxnet.gluon.contrib.nn.SyncBatchNorm (or one process per GPU wit
 import ctypes
 import threading
 
+import mxnet as mx
 import numpy as np
 from mxnet.base import _LIB, check_call
 
 __all__ = ['reserve', 'fulfil', 'release']
+
+#: MXNet versions whose engine has MXEnginePushAsyncND and the CallbackOnComplete layout below
+#: (include/mxnet/engine.h); the layout is private, so another version must be checked first
+LAYOUT_VERSIONS = ('1.7', '1.8', '1.9')
+if '.'.join(mx.__version__.split('.')[:2]) not in LAYOUT_VERSIONS:
+    raise ImportError('pbn_gluon.engine relies on the private engine callback layout of MXNet %s; '
+                      'found MXNet %s' % (', '.join(LAYOUT_VERSIONS), mx.__version__))
 
 _ASYNC_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
 _ON_COMPLETE_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)

@@ -1,33 +1,40 @@
-"""StatsSync: the one line a training loop adds, ``sync.step()`` once per iteration.
+"""StatsSync: the one line a training loop adds, ``sync.step()`` once per iteration, and the
+contract between it and the norm layers.
 
-At step t (after backward, before trainer.step), for the layers of a net:
+Each layer's graph reads and writes state parameters that are views of StatsSync's flat
+per-device buffers (pbn_gluon.stats_buffers: which state aliases which buffer); StatsSync owns
+the buffers and the communicator, a layer owns its schedules and its graph:
 
-- ProgressiveBatchNorm: every layer's local sums of step t sit, per device, in one flat buffer:
-  [sum x, sum x^2, n] written by the layer's forward operator into its ``batch_sums`` view,
-  and with ``backward='progressive'`` [sum dy, sum dy*xhat], which are the layer's beta and
-  gamma gradients, whose arrays are views of the same buffer. ONE fused, non-blocking exchange
-  (allreduce, or allgather + group sum when G < devices) of a copy turns them into the group
-  sums, written (or averaged in, ``global_momentum``) where the layers' ``global_sums`` views
-  point: step t+1's forward and backward read them as graph inputs.
-- ProgressiveBatchNorm and SyncBatchNorm: running statistics from the group sums, identical on
-  every device of a group, one fused operator per device (``pbn_running_update``):
+- ProgressiveBatchNorm. Forward at step t writes [sum x, sum x^2, n] into ``batch_sums`` and
+  reads ``global_sums`` and ``local_weight``; with ``backward='progressive'`` its backward
+  writes [sum dy, sum dy*xhat] into ``beta.grad`` and ``gamma.grad``. All of these are views,
+  and the layer never communicates. ``sync.step()`` after the backward of step t makes ONE
+  fused, non-blocking exchange of every PBN layer's local rows (allreduce, or allgather + group
+  sum when G < devices), hands the group sums to ``pbn_accept_sums`` (which averages them in with
+  ``global_momentum``, or keeps the previous ones if any is NaN/Inf) and so fills
+  ``global_sums`` for step t+1, then sets ``local_weight`` to w_{t+1} from the layer's
+  schedules. The graph reads them as inputs: nothing waits.
+- SyncBatchNorm. ``StatsSync`` attaches it to the communicator (``layer.attach(comm, index)``);
+  its graph exchanges inside the layer, twice per step (forward and backward, blocking) and
+  writes the group sums into ``batch_sums``, a view of ``stats``.
+- Both: ``sync.step()`` updates ``running_mean`` and ``running_var`` (views) from the group
+  sums, one fused operator per device (``pbn_running_update``):
       running_mean = m running_mean + (1 - m) M,  running_var = m running_var + (1 - m) V
-- the local weights w_{t+1} of every PBN layer, from its schedule.
 
-All of it is pushed to the engine; nothing here waits for a device.
+Everything is pushed to MXNet's engine; nothing here waits for a device.
 """
 import warnings
 import zlib
 
 import numpy as np
-from mxnet import autograd
 from mxnet import ndarray as nd
 from mxnet.gluon import HybridBlock
 
 from .batch_stats import BatchStatsNorm
-from .comm import cpu_resource_advice
+from .rendezvous import cpu_resource_advice
 from .progressive_norm import ProgressiveBatchNorm
-from .sync_norm import SyncBatchNorm, attach, exchange_tag
+from .stats_buffers import StatsBuffers
+from .sync_norm import SyncBatchNorm, exchange_tag
 
 __all__ = ['StatsSync', 'find_norm_layers']
 
@@ -86,7 +93,7 @@ class StatsSync:
         self.pbn = [l for l in self.layers if isinstance(l, ProgressiveBatchNorm)]
         self.syncbn = [l for l in self.layers if isinstance(l, SyncBatchNorm)]
         for index, layer in enumerate(self.syncbn):
-            attach(layer, comm, index)
+            layer.attach(comm, index)
         if self.syncbn:     # a SyncBatchNorm's graph depends on its communicator
             _clear_cached_graphs(net)
         advice = cpu_resource_advice(comm.contexts) if self.syncbn else None
@@ -97,7 +104,7 @@ class StatsSync:
             layer.check_devices(comm.size)
         self._prepare_syncbn()
         self.step_count = 0
-        self._bound = None
+        self.buffers = None
         self._weights = None
         self._health = []
         self._nonfinite_steps = self._nonfinite_offset = 0
@@ -121,12 +128,7 @@ class StatsSync:
         """(non-blocking, blocking) exchanges one training step makes."""
         return (1 if self.pbn else 0), 2 * len(self.syncbn)
 
-    # -- binding the layers' state to flat per-device buffers ---------------------------------
-
-    def _stale(self):
-        return self._bound is None or any(
-            getattr(param, attr) is not lst or lst[0] is not first
-            for param, attr, lst, first in self._bound)
+    # -- the buffers and what the step needs of them -----------------------------------------
 
     def _bind(self):
         ctxs = self.comm.contexts
@@ -137,71 +139,25 @@ class StatsSync:
             if set(layer.gamma.list_ctx()) != set(ctxs):
                 raise ValueError('%s lives on %s but the communicator drives %s'
                                  % (layer.name, layer.gamma.list_ctx(), ctxs))
-        order = self.pbn + self.syncbn
-        channels = [layer.gamma.shape[0] for layer in order]
-        self._check_same_net(channels)
-        # each layer's block of the sums buffers: rows x channels, [sum x, sum x^2, n] first
-        sizes = [layer.exchange_rows * c for layer, c in zip(order, channels)]
-        starts = np.cumsum([0] + sizes[:-1]).tolist()
-        pbn_size = sum(sizes[:len(self.pbn)])
-
-        self.local = [nd.zeros(pbn_size, ctx=c) for c in ctxs] if self.pbn else []
-        self.stats = [nd.zeros(sum(sizes), ctx=c) for c in ctxs]
-        self.running_mean = [nd.zeros(sum(channels), ctx=c) for c in ctxs]
-        self.running_var = [nd.zeros(sum(channels), ctx=c) for c in ctxs]
-        self.weights = [nd.ones(len(self.pbn), ctx=c) for c in ctxs] if self.pbn else []
-        bound = []
-
-        def bind(param, flats, start, stop, attr='_data'):
-            arrays = getattr(param, attr)
-            for i, ctx in enumerate(ctxs):
-                j = param.list_ctx().index(ctx)
-                view = flats[i][start:stop].reshape(param.shape)
-                view[:] = arrays[j]
-                if attr == '_grad':     # the backward writes this gradient into the buffer
-                    data = param._data[j]
-                    fresh = data._fresh_grad    # marking resets it; the Trainer checks it
-                    autograd.mark_variables([data], [view], param.grad_req)
-                    data._fresh_grad = fresh
-                arrays[j] = view
-            bound.append((param, attr, arrays, arrays[0]))
-
-        offset = 0
-        for index, (layer, c, start) in enumerate(zip(order, channels, starts)):
-            bind(layer.running_mean, self.running_mean, offset, offset + c)
-            bind(layer.running_var, self.running_var, offset, offset + c)
-            if isinstance(layer, ProgressiveBatchNorm):
-                bind(layer.batch_sums, self.local, start, start + 3 * c)
-                if layer.exchange_rows == 5:    # progressive backward: [sum dy, sum dy xhat]
-                    layer.check_backward_gradients()
-                    bind(layer.beta, self.local, start + 3 * c, start + 4 * c, '_grad')
-                    bind(layer.gamma, self.local, start + 4 * c, start + 5 * c, '_grad')
-                bind(layer.global_sums, self.stats, start, start + layer.exchange_rows * c)
-                bind(layer.local_weight, self.weights, index, index + 1)
-            else:
-                bind(layer.batch_sums, self.stats, start, start + 3 * c)
-            offset += c
-        self._bound = bound
-
-        # where [S_1, S_2, S_n] of every channel sit in the stats buffer, and the momenta
-        first = np.repeat(starts, channels) + np.concatenate([np.arange(c) for c in channels])
-        row = np.repeat(channels, channels)
-        gather = np.stack([first + k * row for k in range(3)]).astype(np.float32)
-        momentum = np.repeat([l.momentum for l in order], channels)
-        self._gather = [nd.array(gather, ctx=c) for c in ctxs]
-        self._momentum = [nd.array(momentum, ctx=c) for c in ctxs]
-        self._pbn_size = pbn_size
-        self._pbn_sizes = sizes[:len(self.pbn)]
-        # per-element momentum of the exponential average of group sums (0: not averaged)
-        rate = np.repeat([l.global_momentum for l in self.pbn], self._pbn_sizes)
+        self._check_same_net([layer.gamma.shape[0] for layer in self.pbn + self.syncbn])
+        b = self.buffers = StatsBuffers(self.pbn, self.syncbn, ctxs)
+        self._gather = [nd.array(b.gather_index(), ctx=c) for c in ctxs]
+        self._momentum = [nd.array(b.per_channel([l.momentum for l in b.order]), ctx=c)
+                          for c in ctxs]
+        # per-entry momentum of the exponential average of group sums (0: not averaged)
+        rate = b.per_pbn_entry([l.global_momentum for l in self.pbn])
         self._averaging = bool(rate.any())
         if self.pbn:
-            self._scratch = [nd.zeros(pbn_size, ctx=c) for c in ctxs]
+            self._scratch = [nd.zeros(b.pbn_size, ctx=c) for c in ctxs]
             self._rate = [nd.array(rate, ctx=c) for c in ctxs]
-            self._no_rate = [nd.zeros(pbn_size, ctx=c) for c in ctxs]
+            self._no_rate = [nd.zeros(b.pbn_size, ctx=c) for c in ctxs]
         self._reset_health()
         self._group_masks = {}
         self._weights = None
+
+    def _ensure_bound(self):
+        if self.buffers is None or self.buffers.stale():
+            self._bind()
 
     def _reset_health(self):
         """pbn_accept_sums' record per device: [steps with non-finite group sums, the first,
@@ -230,8 +186,7 @@ class StatsSync:
     def step(self):
         """Exchange this step's statistics; call once per iteration after backward()."""
         self.comm.check()       # raises if a SyncBatchNorm exchange timed out
-        if self._stale():
-            self._bind()
+        self._ensure_bound()
         t = self.step_count
         if self.pbn and t - self._health_read >= HEALTH_READ_INTERVAL:
             self._read_health()     # before this step's exchange: reads what is computed
@@ -247,14 +202,15 @@ class StatsSync:
     def _exchange(self, t):
         sizes = self._group_sizes(t)
         averaging = self._averaging and t > 0
-        targets = [s[:self._pbn_size] for s in self.stats]
+        local = self.buffers.local
+        targets = [s[:self.buffers.pbn_size] for s in self.buffers.stats]
         if all(g == self.comm.size for g in sizes):
             sums = self._scratch
-            for src, dst in zip(self.local, sums):
+            for src, dst in zip(local, sums):
                 dst[:] = src        # sum a copy: the local buffer also holds gradients
             self.comm.allreduce_(sums, EXCHANGE_TAG)
         else:
-            gathered = self.comm.allgather(self.local, EXCHANGE_TAG)
+            gathered = self.comm.allgather(local, EXCHANGE_TAG)
             sums = [self._group_sum(rank, rows, sizes, ctx) for rank, rows, ctx
                     in zip(self.comm.ranks, gathered, self.comm.contexts)]
         for i, (new, dst) in enumerate(zip(sums, targets)):
@@ -262,7 +218,7 @@ class StatsSync:
             # batch on a device of the group: NaN and Inf survive the sum, so every device of
             # the group decides alike without another exchange); health counts such steps
             rate = self._rate[i] if averaging else self._no_rate[i]
-            nd.pbn_accept_sums(self.local[i], new, rate, dst, self._health[i])
+            nd.pbn_accept_sums(local[i], new, rate, dst, self._health[i])
 
     def _read_health(self):
         """Count the steps with non-finite statistics and warn at the first: reads the 5-number
@@ -307,15 +263,15 @@ class StatsSync:
     def _group_mask(self, sizes, g, ctx):
         key = (tuple(sizes), g, ctx)
         if key not in self._group_masks:
-            mask = np.concatenate([np.full(n, float(s == g))
-                                   for s, n in zip(sizes, self._pbn_sizes)])
+            mask = self.buffers.per_pbn_entry([float(s == g) for s in sizes])
             self._group_masks[key] = nd.array(mask, ctx=ctx)
         return self._group_masks[key]
 
     def _update_running(self):
+        b = self.buffers
         for i in range(len(self.comm.contexts)):      # one fused operator per device
-            nd.pbn_running_update(self.stats[i], self._gather[i], self._momentum[i],
-                                  self.running_mean[i], self.running_var[i])
+            nd.pbn_running_update(b.stats[i], self._gather[i], self._momentum[i],
+                                  b.running_mean[i], b.running_var[i])
 
     def _set_weights(self, t):
         if not self.pbn:
@@ -324,7 +280,7 @@ class StatsSync:
         weights = [layer.local_weight_at(t, g) for layer, g in zip(self.pbn, sizes)]
         if weights != self._weights:
             host = np.asarray(weights, dtype=np.float32)
-            for w in self.weights:
+            for w in self.buffers.weights:
                 # through a fresh array: writing numpy into w would wait for this step's reads
                 w[:] = nd.array(host, ctx=w.context)
             self._weights = weights
@@ -333,21 +289,19 @@ class StatsSync:
 
     def state_dict(self):
         """Exchange state for a training checkpoint (numpy arrays; blocks until computed)."""
-        if self._stale():
-            self._bind()
+        self._ensure_bound()
         return {'step': self.step_count,
-                'stats': [s.asnumpy() for s in self.stats]}
+                'stats': [s.asnumpy() for s in self.buffers.stats]}
 
     def load_state_dict(self, state):
         """Restore what state_dict() returned; the net's parameters must be loaded already."""
-        if self._stale():
-            self._bind()
-        stats = state['stats']
-        if len(stats) != len(self.stats) or any(a.shape != b.shape for a, b in zip(stats, self.stats)):
+        self._ensure_bound()
+        stats, mine = state['stats'], self.buffers.stats
+        if len(stats) != len(mine) or any(a.shape != b.shape for a, b in zip(stats, mine)):
             raise ValueError('StatsSync state is for %d device(s) with buffers %s; this job has '
                              '%d with %s' % (len(stats), [a.shape for a in stats],
-                                             len(self.stats), [b.shape for b in self.stats]))
-        for src, dst in zip(stats, self.stats):
+                                             len(mine), [b.shape for b in mine]))
+        for src, dst in zip(stats, mine):
             dst[:] = src
         self.step_count = int(state['step'])
         self._reset_health()

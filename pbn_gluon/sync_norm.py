@@ -18,18 +18,17 @@ engine operations (the devices of one process meet through pbn_gluon.engine's de
 so it works hybridized on several CPU contexts of one process, and across processes (Horovod,
 KVStore dist_sync) on any device.
 """
+import weakref
+
 import mxnet as mx
 
 from .batch_stats import BatchStatsNorm
 
 __all__ = ['SyncBatchNorm']
 
-# layer uid -> (comm, position of the layer in its StatsSync); filled by StatsSync
-_ATTACHED = {}
-
-
-def attach(layer, comm, index):
-    _ATTACHED[layer.uid] = (comm, index)
+# uid -> layer, for the custom operator, which MXNet builds from strings; entries leave with
+# their layers
+_LAYERS = weakref.WeakValueDictionary()
 
 
 def exchange_tag(index, direction):
@@ -42,12 +41,13 @@ def _exchange(uid, device, direction, array, out, req, op):
     device's contribution. (On CPU the operator's arrays all say cpu(0): `device` is the truth.)"""
     if req == 'null':
         return
-    if uid not in _ATTACHED:
+    layer = _LAYERS.get(uid)
+    if layer is None or layer.comm is None:
         raise RuntimeError('SyncBatchNorm layer %s has no communicator: create '
                            'pbn_gluon.StatsSync(net, comm) before training' % uid)
-    comm, index = _ATTACHED[uid]
     target = out if req in ('write', 'inplace') else mx.nd.empty(out.shape, out.context)
-    comm.allreduce_device(array, target, exchange_tag(index, direction), device)
+    layer.comm.allreduce_device(array, target, exchange_tag(layer.exchange_index, direction),
+                                device)
     if target is not out:
         op.assign(out, req, target)
 
@@ -98,19 +98,14 @@ class _DeviceSumProp(mx.operator.CustomOpProp):
         return _DeviceSum(self._uid, ctx)
 
 
-def _meets_in_host_memory(uid):
-    """True when the layer's devices are several CPU contexts of this process."""
-    comm = _ATTACHED.get(uid, (None,))[0]
-    return comm is not None and sum(c.device_type == 'cpu' for c in comm.contexts) > 1
-
-
 class SyncBatchNorm(BatchStatsNorm):
     """Synchronous BatchNorm across every device of a pbn_gluon.comm backend.
 
-    Takes every argument of mxnet.gluon.nn.BatchNorm and saves exactly its parameters. Attach
-    it with ``pbn_gluon.StatsSync(net, comm)`` before its first forward pass; ``sync.step()``
-    then updates the running statistics (from the global moments, identical on every device)
-    once per iteration. All devices of a process must run forward and backward of every step.
+    Takes every argument of mxnet.gluon.nn.BatchNorm and saves exactly its parameters.
+    ``pbn_gluon.StatsSync(net, comm)`` attaches it to `comm` (``attach``) before its first
+    forward pass; ``sync.step()`` then updates the running statistics (from the global moments,
+    identical on every device) once per iteration. All devices of a process must run forward
+    and backward of every step.
     """
 
     local_stats = False
@@ -120,9 +115,22 @@ class SyncBatchNorm(BatchStatsNorm):
         super().__init__(**kwargs)
         SyncBatchNorm._uids += 1
         self.uid = '%s#%d' % (self.name, SyncBatchNorm._uids)
+        self.comm, self.exchange_index = None, None
+        _LAYERS[self.uid] = self
+
+    def attach(self, comm, index):
+        """Exchange through `comm` (a pbn_gluon.comm.Comm) under the name of the `index`-th
+        SyncBatchNorm of its StatsSync. The graph depends on it: cached graphs are dropped."""
+        self.comm, self.exchange_index = comm, index
+        self._clear_cached_op()
+
+    def _meets_in_host_memory(self):
+        """True when the layer's devices are several CPU contexts of this process."""
+        return self.comm is not None and sum(
+            c.device_type == 'cpu' for c in self.comm.contexts) > 1
 
     def hybrid_forward(self, F, x, gamma, beta, running_mean, running_var, batch_sums):
-        if not self._use_global_stats and _meets_in_host_memory(self.uid):
+        if not self._use_global_stats and self._meets_in_host_memory():
             return self._native_forward(F, x, gamma, beta, running_mean, running_var,
                                         batch_sums)
         return super().hybrid_forward(F, x, gamma, beta, running_mean, running_var, batch_sums)

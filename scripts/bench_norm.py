@@ -250,8 +250,8 @@ def run_config(args, backend, norm, devices):
     env = dict(os.environ, PBN_GLUON_TIMEOUT=str(args.timeout), PYTHONUNBUFFERED='1')
     # a stalled exchange of the library must not outlive the configuration's time limit
     env.setdefault('HOROVOD_GLOO_TIMEOUT_SECONDS', str(int(args.timeout)))
-    if norm == 'syncbn' and backend == 'local':     # see pbn_gluon.comm.cpu_resource_advice
-        from pbn_gluon.comm import cpu_resource_env
+    if norm == 'syncbn' and backend == 'local':     # see pbn_gluon.rendezvous.cpu_resource_advice
+        from pbn_gluon.rendezvous import cpu_resource_env
         for name, value in cpu_resource_env(devices).items():
             env.setdefault(name, value)
     cmd = worker_command(args, backend, norm, devices, result)

@@ -295,14 +295,14 @@ def launch(cfgs, timeout, bar, on_result):
     """Run `cfgs` (one norm) in ONE subprocess (imports and data generation cost a few seconds
     per process). A watchdog kills it when no step completes for `timeout` s: the stalled run
     is reported as failed and a new subprocess takes the remaining runs."""
-    from pbn_gluon.comm import cpu_resource_env
+    from pbn_gluon.rendezvous import cpu_resource_env
     pending = list(cfgs)
     while pending:
         env = dict(os.environ)
         env.setdefault('PBN_GLUON_TIMEOUT', str(int(max(10, timeout))))
         env.setdefault('HOROVOD_GLOO_TIMEOUT_SECONDS', str(int(max(10, timeout))))
         if pending[0]['norm'] == 'syncbn' and pending[0]['backend'] == 'local':
-            # see pbn_gluon.comm.cpu_resource_advice
+            # see pbn_gluon.rendezvous.cpu_resource_advice
             for name, value in cpu_resource_env(pending[0]['contexts']).items():
                 env.setdefault(name, value)
         cmd = [sys.executable, os.path.abspath(__file__), '--worker', json.dumps(pending)]

@@ -27,7 +27,7 @@ from tqdm import tqdm
 import pbn_gluon
 from pbn_gluon.segmentation import (CityscapesSegmentation, checkpoint, epoch_batches,
                                     input_transform, load_config, model_from_config)
-from pbn_gluon.comm import cpu_resource_advice, cpu_resource_env
+from pbn_gluon.rendezvous import cpu_resource_advice, cpu_resource_env
 from pbn_gluon.segmentation.distributed import Job
 
 
@@ -49,15 +49,15 @@ def seed_epoch(seed, epoch):
 
 def ensure_cpu_resources(cfg, job):
     """SyncBatchNorm on several CPU contexts of this process needs more of MXNet's CPU resource
-    copies than its defaults (pbn_gluon.comm.cpu_resource_advice), and MXNet reads them when it
+    copies than its defaults (pbn_gluon.rendezvous.cpu_resource_advice), and MXNet reads them when it
     is imported: start again once, with them set."""
     if cfg.norm != 'syncbn' or not job.in_process or cpu_resource_advice(job.contexts) is None:
         return
-    env = dict(os.environ, **cpu_resource_env(len(job.contexts)))
+    settings = cpu_resource_env(len(job.contexts))
     print('%s: SyncBatchNorm on %d CPU contexts of one process: restarting with %s'
           % (sys.argv[0], len(job.contexts), ' '.join('%s=%s' % kv for kv in
-                                                       sorted(cpu_resource_env(len(job.contexts)).items()))),
-          flush=True)
+                                                       sorted(settings.items()))), flush=True)
+    env = dict(os.environ, **settings)
     os.execve(sys.executable, [sys.executable] + sys.argv, env)
 
 

@@ -74,9 +74,9 @@ def test_syncbn_on_cpu_contexts_warns_when_resource_copies_are_too_few(monkeypat
     ctxs = [mx.cpu(i) for i in range(8)]
     monkeypatch.delenv('MXNET_CPU_TEMP_COPY', raising=False)
     monkeypatch.setenv('MXNET_CPU_PARALLEL_RAND_COPY', '64')
-    advice = pbn_gluon.comm.cpu_resource_advice(ctxs)
+    advice = pbn_gluon.rendezvous.cpu_resource_advice(ctxs)
     assert 'MXNET_CPU_TEMP_COPY=16384' in advice and 'RAND_COPY' not in advice
-    assert pbn_gluon.comm.cpu_resource_advice(ctxs[:1]) is None    # one device: no exchange
+    assert pbn_gluon.rendezvous.cpu_resource_advice(ctxs[:1]) is None    # one device: no exchange
     monkeypatch.setenv('MXNET_CPU_PARALLEL_RAND_COPY', '1')
     layer = pbn_gluon.SyncBatchNorm(in_channels=3)
     layer.initialize(ctx=ctxs[:2])
@@ -84,7 +84,7 @@ def test_syncbn_on_cpu_contexts_warns_when_resource_copies_are_too_few(monkeypat
         pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs[:2]))
     monkeypatch.setenv('MXNET_CPU_TEMP_COPY', '16384')
     monkeypatch.setenv('MXNET_CPU_PARALLEL_RAND_COPY', '64')
-    assert pbn_gluon.comm.cpu_resource_advice(ctxs) is None
+    assert pbn_gluon.rendezvous.cpu_resource_advice(ctxs) is None
 
 
 def test_missing_compiler_is_named(monkeypatch, tmp_path):

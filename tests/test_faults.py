@@ -1,15 +1,26 @@
-"""Faults that a long multi-device job meets: a non-finite batch on one device. (Dead workers,
-killed runs and mismatched nets: test_errors.py, test_multiprocess.py and
-test_segmentation_train.py; the fault matrix is in the README.)"""
+"""Faults that a long multi-device job meets, each ending clearly within a bounded time: a
+non-finite batch on one device, a device that never reaches a SyncBN exchange, a process
+killed in the middle of training on Horovod and KVStore dist_sync (worker or server). A run
+killed and resumed: test_segmentation_train.py; nets that differ between processes:
+test_multiprocess.py. The matrix with measured times is in the README."""
+import os
+import signal
+import subprocess
+import sys
+import time
 import warnings
 
 import mxnet as mx
 import numpy as np
 import pytest
+from mxnet import autograd
 
 import pbn_gluon
 import reference
+from pbn_gluon.segmentation import checkpoint
 from test_progressive_norm import BETA, C, EPS, GAMMA, batches, build, step
+from test_segmentation_train import (HOROVODRUN, REPO, fake_root, horovod_worker,  # noqa: F401
+                                     train_command)
 
 
 def group_sums(xs):
@@ -72,3 +83,82 @@ def test_finite_steps_are_not_counted():
         for t in range(3):
             step(layer, *batches([2, 3], t), ctxs, sync)
         assert sync.nonfinite_steps == 0
+
+
+def test_device_that_never_reaches_a_syncbn_exchange_fails_the_step(monkeypatch):
+    """2 CPU contexts of one process, only device 0 runs the forward: its exchange gives up
+    after the rendezvous timeout (nothing hangs), and the next sync.step() raises naming
+    device 1."""
+    monkeypatch.setattr(pbn_gluon.rendezvous, 'TIMEOUT', 2.0)
+    ctxs = [mx.cpu(0), mx.cpu(1)]
+    layer = pbn_gluon.SyncBatchNorm(in_channels=C)
+    layer.initialize(ctx=ctxs)
+    sync = pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs))
+    start = time.time()
+    with autograd.record():
+        y = layer(mx.nd.ones((2, C, 3, 3), ctx=ctxs[0]))
+    y.wait_to_read()
+    assert time.time() - start < 30
+    with pytest.raises(TimeoutError, match=r'device\(s\) \[1\] .* did not reach'):
+        sync.step()
+
+
+def launched_process(launcher_pid, role):
+    """pid of a child of the KVStore launcher with DMLC_ROLE `role`, or None."""
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open('/proc/%s/stat' % pid) as f:
+                parent = int(f.read().rsplit(')', 1)[1].split()[1])
+            with open('/proc/%s/environ' % pid, 'rb') as f:
+                environ = f.read().decode(errors='replace').split('\0')
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == launcher_pid and 'DMLC_ROLE=%s' % role in environ:
+            return int(pid)
+    return None
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize('victim', ['horovod worker', 'kvstore worker', 'kvstore server'])
+def test_killed_process_ends_the_job_and_keeps_the_checkpoint(victim, fake_root, tmp_path):
+    """DeepLab PBN training on 2 processes, a checkpoint every iteration. Once it trains, one
+    process gets SIGKILL: the whole job ends within 90 s with an error naming it, and the last
+    checkpoint is complete."""
+    run_dir = tmp_path / 'run'
+    backend = victim.split()[0]
+    train = train_command('cpu_fake_pbn.yaml', fake_root, run_dir, 'backend=%s' % backend,
+                          'devices=1', 'overfit_batches=1', 'epochs=1000')
+    launcher = HOROVODRUN if backend == 'horovod' else [
+        sys.executable, '-m', 'pbn_gluon.launch', '-n', '2', '--']
+    job = subprocess.Popen(launcher + train, cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not (run_dir / 'checkpoint.json').exists():
+            assert job.poll() is None, job.stdout.read()[-3000:]
+            time.sleep(0.2)
+        if backend == 'horovod':
+            target = horovod_worker(1, str(run_dir))
+        else:
+            target = launched_process(job.pid, victim.split()[1])
+        assert target is not None
+        os.kill(target, signal.SIGKILL)
+        killed_at = time.time()
+        output, _ = job.communicate(timeout=90)
+        seconds = time.time() - killed_at
+    finally:
+        if job.poll() is None:
+            job.kill()
+    print('\n%s killed: job ended after %.1f s with exit code %d' % (victim, seconds,
+                                                                    job.returncode))
+    assert job.returncode != 0
+    if backend == 'horovod':
+        assert 'exited with non-zero status' in output and 'Exit code: 137' in output, \
+            output[-3000:]
+    else:
+        assert job.returncode == 137
+        assert '%s' % victim.split()[1] in output and 'exited with -9; stopping the job' in \
+            output, output[-3000:]
+    last = checkpoint.latest(str(run_dir))
+    assert last is not None
+    assert mx.nd.load(checkpoint.model_params(last))
