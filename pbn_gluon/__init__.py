@@ -7,13 +7,15 @@
 """
 
 from . import ops, schedules
-from .comm import Comm, LocalComm, KVStoreComm, HorovodComm
+from .comm import Comm, LocalComm, KVStoreComm, HorovodComm, CountingComm
 from .progressive_norm import ProgressiveBatchNorm
 from .sync_norm import SyncBatchNorm
 from .stats_sync import StatsSync, find_norm_layers
 from .convert import convert_norm
+from .training import train_step
 
 __version__ = '0.1.0'
 
 __all__ = ['ProgressiveBatchNorm', 'SyncBatchNorm', 'StatsSync', 'convert_norm',
-           'find_norm_layers', 'Comm', 'LocalComm', 'KVStoreComm', 'HorovodComm', 'ops', 'schedules']
+           'find_norm_layers', 'train_step', 'Comm', 'LocalComm', 'KVStoreComm', 'HorovodComm',
+           'CountingComm', 'ops', 'schedules']

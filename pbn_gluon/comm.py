@@ -10,6 +10,7 @@ inside an engine operator.
 - HorovodComm(context): one device per process, Gloo (CPU) or NCCL (GPU) allreduce.
 """
 import atexit
+import collections
 import threading
 
 import mxnet as mx
@@ -17,7 +18,7 @@ from mxnet import ndarray as nd
 
 from . import rendezvous
 
-__all__ = ['Comm', 'LocalComm', 'KVStoreComm', 'HorovodComm']
+__all__ = ['Comm', 'LocalComm', 'KVStoreComm', 'HorovodComm', 'CountingComm']
 
 class Comm:
     """Interface of a backend. Subclasses set contexts, size, rank_offset and implement
@@ -181,3 +182,34 @@ class HorovodComm(Comm):
     def allgather(self, arrays, tag):
         (array,) = arrays
         return [self._hvd.allgather(array.reshape((1, -1)), name=tag)]
+
+
+class CountingComm:
+    """A communicator that counts what passes through it, for benchmarks and tests: wraps any
+    Comm and forwards everything. ``counts['non_blocking']``: allreduce_/allgather calls
+    (StatsSync's exchange); ``counts['blocking']``: SyncBatchNorm exchanges, each counted once
+    however many local devices take part."""
+
+    def __init__(self, comm):
+        self.inner = comm
+        self.counts = collections.Counter()
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def allreduce_(self, arrays, tag):
+        self.counts['non_blocking'] += 1
+        return self.inner.allreduce_(arrays, tag)
+
+    def allgather(self, arrays, tag):
+        self.counts['non_blocking'] += 1
+        return self.inner.allgather(arrays, tag)
+
+    def allreduce_device(self, array, out, tag, device):
+        with self._lock:    # called from MXNet's custom-operator thread
+            self.counts['blocking'] += 1.0 / len(self.inner.contexts)
+        return self.inner.allreduce_device(array, out, tag, device)
+
+    def __repr__(self):
+        return 'CountingComm(%r)' % (self.inner,)

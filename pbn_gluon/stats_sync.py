@@ -123,11 +123,6 @@ class StatsSync:
         self.comm.prepare([(exchange_tag(i, d), (3, c)) for i, c in enumerate(channels)
                            for d in ('fwd', 'bwd')])
 
-    @property
-    def exchanges_per_step(self):
-        """(non-blocking, blocking) exchanges one training step makes."""
-        return (1 if self.pbn else 0), 2 * len(self.syncbn)
-
     # -- the buffers and what the step needs of them -----------------------------------------
 
     def _bind(self):

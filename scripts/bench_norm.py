@@ -14,18 +14,17 @@ own subprocess under a time limit, so a stall shows up as "timeout" in the table
 
 Reported per configuration: the median step time (seconds, each step ends with waitall; the
 median over repeats of each run's median), its ratio to BatchNorm on the same backend and
-devices, and the exchanges per step taken from StatsSync.exchanges_per_step.
+devices, and the exchanges per step counted by pbn_gluon.CountingComm over the timed steps.
 """
 import argparse
 import json
 import os
-import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+
+from pbn_gluon import jobs
 
 NORMS = ('bn', 'pbn', 'syncbn')
 BACKENDS = ('local', 'horovod', 'kvstore')
@@ -91,14 +90,7 @@ def parse_args(argv=None):
 # worker: one configuration, timed in this process
 # ----------------------------------------------------------------------------------------------
 
-def norm_layer(norm):
-    import pbn_gluon
-    from mxnet.gluon import nn
-    return {'bn': nn.BatchNorm, 'pbn': pbn_gluon.ProgressiveBatchNorm,
-            'syncbn': pbn_gluon.SyncBatchNorm}[norm]
-
-
-def build_net(norm, args):
+def build_net(norm_layer, args):
     """convnet: blocks x (Conv2D 3x3 + norm + ReLU), global average pooling, Dense head.
     deeplab: GluonCV DeepLabV3-ResNet50 (no aux head), random initialisation."""
     from mxnet.gluon import nn
@@ -107,14 +99,14 @@ def build_net(norm, args):
         from gluoncv.model_zoo import DeepLabV3
         return DeepLabV3(args.classes, backbone='resnet50', aux=False, pretrained_base=False,
                          crop_size=args.image_size, base_size=args.image_size,
-                         norm_layer=norm_layer(norm), norm_kwargs={})
+                         norm_layer=norm_layer, norm_kwargs={})
     net = nn.HybridSequential(prefix='bench_')
     with net.name_scope():
         in_channels = 3
         for _ in range(args.blocks):
             net.add(nn.Conv2D(args.channels, 3, padding=1, use_bias=False,
                               in_channels=in_channels))
-            net.add(norm_layer(norm)(in_channels=args.channels))
+            net.add(norm_layer(in_channels=args.channels))
             net.add(nn.Activation('relu'))
             in_channels = args.channels
         net.add(nn.GlobalAvgPool2D(), nn.Flatten())
@@ -132,7 +124,7 @@ def write_json(path, obj):
 def run_worker(args):
     import mxnet as mx
     import numpy as np
-    from mxnet import autograd, gluon
+    from mxnet import gluon
     import pbn_gluon
 
     mx.random.seed(0)
@@ -154,7 +146,8 @@ def run_worker(args):
         ctxs = [mx.cpu(i) for i in range(args.num_devices)]
         comm = pbn_gluon.LocalComm(ctxs)
 
-    net = build_net(args.norm, args)
+    from pbn_gluon.segmentation.norms import get_norm_layer
+    net = build_net(get_norm_layer(args.norm, ctxs, in_process=args.worker == 'local'), args)
     net.initialize(mx.init.Xavier(), ctx=ctxs)
     net.collect_params().reset_ctx(ctxs)    # DeepLab initialises its head on cpu(0) itself
     net.hybridize(static_alloc=True)
@@ -168,13 +161,12 @@ def run_worker(args):
     if args.model == 'deeplab' and args.norm == 'syncbn' and comm.needs_prepare:
         # SyncBN over dist_sync declares its exchanges by channel count: shapes from the graph
         net.infer_shape(mx.nd.zeros((1, 3, args.image_size, args.image_size), ctx=ctxs[0]))
+    comm = pbn_gluon.CountingComm(comm)     # the exchanges per step are observed, not assumed
     sync = pbn_gluon.StatsSync(net, comm) if args.norm != 'bn' else None
-    non_blocking, blocking = sync.exchanges_per_step if sync is not None else (0, 0)
 
     layers = len(pbn_gluon.find_norm_layers(net)) if sync is not None else None
     record = {'norm': args.norm, 'backend': args.worker, 'devices': size, 'model': args.model,
-              'blocking_exchanges_per_step': blocking,
-              'nonblocking_exchanges_per_step': non_blocking,
+              'blocking_exchanges_per_step': None, 'nonblocking_exchanges_per_step': None,
               'norm_layers': layers, 'steps': 0, 'warmup': args.warmup,
               'step_s': None, 'status': 'started'}
     if rank == 0 and args.result:   # known before timing: kept even if the run stalls
@@ -193,13 +185,11 @@ def run_worker(args):
 
     times = []
     for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            comm.counts.clear()
         tic = time.perf_counter()
-        with autograd.record():
-            losses = [loss_fn(net(x), y) for x, y in zip(data, labels)]
-        autograd.backward(losses)
-        if sync is not None:
-            sync.step()     # before trainer.step: its exchange overlaps the gradients' allreduce
-        trainer.step(args.batch_size * len(ctxs))
+        losses = pbn_gluon.train_step(net, loss_fn, data, labels, trainer,
+                                      args.batch_size * len(ctxs), sync)
         mx.nd.waitall()
         if sync is not None:
             comm.check()    # raises if a device never reached an exchange
@@ -209,7 +199,9 @@ def run_worker(args):
     if not np.isfinite(loss):
         raise RuntimeError('loss is %r' % loss)
 
-    record.update(step_s=float(np.median(times)), step_s_mean=float(np.mean(times)),
+    record.update(blocking_exchanges_per_step=round(comm.counts['blocking'] / len(times), 3),
+                  nonblocking_exchanges_per_step=comm.counts['non_blocking'] / len(times),
+                  step_s=float(np.median(times)), step_s_mean=float(np.mean(times)),
                   step_s_min=float(np.min(times)), step_s_max=float(np.max(times)),
                   first_step_s=first_step_s, steps=len(times), status='ok', loss=loss)
     if rank == 0 and args.result:
@@ -231,11 +223,9 @@ def worker_command(args, backend, norm, devices, result):
            '--channels', str(args.channels), '--blocks', str(args.blocks),
            '--classes', str(args.classes), '--model', args.model]
     if backend == 'horovod':
-        horovodrun = shutil.which('horovodrun') or os.path.join(
-            os.path.dirname(sys.executable), 'horovodrun')
-        cmd = [horovodrun, '-np', str(devices), '-H', 'localhost:%d' % devices, '--gloo'] + cmd
-    elif backend == 'kvstore':
-        cmd = [sys.executable, '-m', 'pbn_gluon.launch', '-n', str(devices), '--'] + cmd
+        return jobs.horovodrun(devices, cmd)
+    if backend == 'kvstore':
+        return jobs.kvstore_launch(devices, cmd)
     return cmd
 
 
@@ -247,31 +237,16 @@ def run_config(args, backend, norm, devices):
     fd, result = tempfile.mkstemp(prefix='bench_norm_', suffix='.json')
     os.close(fd)
     os.remove(result)
-    env = dict(os.environ, PBN_GLUON_TIMEOUT=str(args.timeout), PYTHONUNBUFFERED='1')
-    # a stalled exchange of the library must not outlive the configuration's time limit
-    env.setdefault('HOROVOD_GLOO_TIMEOUT_SECONDS', str(int(args.timeout)))
-    if norm == 'syncbn' and backend == 'local':     # see pbn_gluon.rendezvous.cpu_resource_advice
-        from pbn_gluon.rendezvous import cpu_resource_env
-        for name, value in cpu_resource_env(devices).items():
-            env.setdefault(name, value)
-    cmd = worker_command(args, backend, norm, devices, result)
-    tic = time.time()
+    env = jobs.worker_env(norm, backend, devices, args.timeout)
     try:
-        # own session, so that on timeout the whole process group (horovodrun and its
-        # workers) is stopped
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True)
+        run = jobs.run(worker_command(args, backend, norm, devices, result), env=env,
+                       timeout=args.timeout)
     except OSError as e:
         record['error'] = '%s: %s' % (type(e).__name__, e)
         return record
-    try:
-        output, _ = proc.communicate(timeout=args.timeout)
-        status = 'ok' if proc.returncode == 0 else 'failed (exit %d)' % proc.returncode
-    except subprocess.TimeoutExpired:
-        stop_group(proc)
-        output, _ = proc.communicate()
-        status = 'timeout'
-    record['wall_s'] = round(time.time() - tic, 2)
+    status = {'ok': 'ok', 'timeout': 'timeout'}.get(run.status,
+                                                    'failed (exit %s)' % run.returncode)
+    record['wall_s'] = round(run.seconds, 2)
     if os.path.exists(result):
         with open(result) as f:
             record.update(json.load(f))
@@ -279,7 +254,7 @@ def run_config(args, backend, norm, devices):
     if status != 'ok' or record['status'] != 'ok':
         record['status'] = status if status != 'ok' else 'failed (no result)'
         record['step_s'] = None
-        tail = output.decode('utf-8', 'replace').strip().splitlines()[-15:]
+        tail = run.output.strip().splitlines()[-15:]
         # the results file is shared: no paths of this machine in it
         record['error'] = '\n'.join(tail).replace(sys.prefix, '<venv>').replace(
             os.getcwd(), '.')
@@ -291,20 +266,6 @@ def run_config(args, backend, norm, devices):
             sys.stderr.write('\nbench_norm: %s %s x%d %s. Last output:\n%s\n'
                              % (norm, backend, devices, record['status'], record['error']))
     return record
-
-
-def stop_group(proc):
-    """SIGTERM, then SIGKILL, to the process group this script started for `proc`."""
-    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            pass
 
 
 def add_ratios(records):

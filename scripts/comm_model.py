@@ -25,6 +25,8 @@ import subprocess
 import sys
 import tempfile
 
+from pbn_gluon import jobs
+
 LINKS = {   # name: (alpha per ring step [s], bus bandwidth [bytes/s]); assumed, not measured
     'NVLink (DGX-1 V100), assumed 5 us, 100 GB/s': (5e-6, 100e9),
     'PCIe 3.0 x16, assumed 10 us, 10 GB/s': (10e-6, 10e9),
@@ -102,10 +104,8 @@ def measure(channels):
         script, result = os.path.join(tmp, 'measure.py'), os.path.join(tmp, 'out.json')
         with open(script, 'w') as f:
             f.write(MEASURE)
-        horovodrun = os.path.join(os.path.dirname(sys.executable), 'horovodrun')
-        subprocess.run([horovodrun, '-np', '2', '-H', 'localhost:2', '--gloo', sys.executable,
-                        script, json.dumps(sizes), result], check=True, capture_output=True,
-                       timeout=300)
+        subprocess.run(jobs.horovodrun(2, [sys.executable, script, json.dumps(sizes), result]),
+                       check=True, capture_output=True, timeout=300)
         with open(result) as f:
             times = json.load(f)
     layer = times['syncbn_median_layer_fwd']

@@ -12,13 +12,13 @@ import argparse
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 from tqdm import tqdm
+
+from pbn_gluon import jobs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CRASH = re.compile(r'Segmentation fault|Fatal Python error|Aborted|core dumped|'
@@ -47,31 +47,22 @@ def make_data(root):
 
 def one_run(norm, index, args, data_root, work):
     run_dir = os.path.join(work, '%s_%02d' % (norm, index))
-    horovodrun = os.path.join(os.path.dirname(sys.executable), 'horovodrun')
-    cmd = [horovodrun, '-np', '2', '-H', 'localhost:2', '--gloo', sys.executable,
-           os.path.join(ROOT, 'scripts', 'train.py'),
-           '--config', os.path.join(ROOT, 'configs', 'cpu_fake_%s.yaml' % norm),
-           '--set', 'data_root=%s' % data_root, 'run_dir=%s' % run_dir, 'backend=horovod',
-           'devices=1', 'overfit_batches=%d' % args.iterations, 'epochs=1']
-    env = dict(os.environ, PYTHONFAULTHANDLER='1',
-               HOROVOD_GLOO_TIMEOUT_SECONDS=str(int(args.timeout)))
-    tic = time.time()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=args.timeout)
-        code = proc.returncode
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        code = 'timeout'
-    record = {'norm': norm, 'run': index, 'exit': code, 'seconds': round(time.time() - tic, 1),
-              'crash': bool(CRASH.search(output))}
+    cmd = jobs.horovodrun(2, [
+        sys.executable, os.path.join(ROOT, 'scripts', 'train.py'),
+        '--config', os.path.join(ROOT, 'configs', 'cpu_fake_%s.yaml' % norm),
+        '--set', 'data_root=%s' % data_root, 'run_dir=%s' % run_dir, 'backend=horovod',
+        'devices=1', 'overfit_batches=%d' % args.iterations, 'epochs=1'])
+    env = jobs.worker_env(norm, 'horovod', 1, args.timeout)
+    env['PYTHONFAULTHANDLER'] = '1'
+    result = jobs.run(cmd, env=env, timeout=args.timeout, cwd=ROOT)
+    code = result.returncode if result.status != 'timeout' else 'timeout'
+    record = {'norm': norm, 'run': index, 'exit': code, 'seconds': round(result.seconds, 1),
+              'crash': bool(CRASH.search(result.output))}
     if code != 0:
         os.makedirs(args.logs, exist_ok=True)
         log = os.path.join(args.logs, '%s_%02d.log' % (norm, index))
         with open(log, 'w') as f:
-            f.write(' '.join(cmd) + '\n\n' + output)
+            f.write(' '.join(cmd) + '\n\n' + result.output)
         record['log'] = log
     return record
 

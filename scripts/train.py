@@ -21,7 +21,7 @@ import time
 
 import mxnet as mx
 from gluoncv.loss import MixSoftmaxCrossEntropyLoss
-from mxnet import autograd, gluon
+from mxnet import gluon
 from tqdm import tqdm
 
 import pbn_gluon
@@ -125,12 +125,8 @@ def main():
             trainer.set_learning_rate(lr)
             xs = gluon.utils.split_and_load(data, ctx)
             ys = gluon.utils.split_and_load(target, ctx)
-            with autograd.record(True):
-                losses = [criterion(*net(x), y) for x, y in zip(xs, ys)]
-            autograd.backward(losses)
-            if sync is not None:    # before trainer.step: it reads this step's local gradients
-                sync.step()
-            trainer.step(job.step_batch(cfg.batch_size))
+            losses = pbn_gluon.train_step(net, lambda out, y: criterion(*out, y), xs, ys,
+                                          trainer, job.step_batch(cfg.batch_size), sync)
             loss = sum(l.sum().asscalar() for l in losses) / len(data)
             iteration += 1
             progress.set_postfix(loss='%.4f' % loss, lr='%.2e' % lr)

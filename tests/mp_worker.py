@@ -10,7 +10,7 @@ import os
 
 import mxnet as mx
 import numpy as np
-from mxnet import autograd, gluon, nd
+from mxnet import autograd, nd
 
 import pbn_gluon
 from common import make_batch, make_net

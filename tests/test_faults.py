@@ -6,7 +6,6 @@ test_multiprocess.py. The matrix with measured times is in the README."""
 import os
 import signal
 import subprocess
-import sys
 import time
 import warnings
 
@@ -19,8 +18,9 @@ import pbn_gluon
 import reference
 from pbn_gluon.segmentation import checkpoint
 from test_progressive_norm import BETA, C, EPS, GAMMA, batches, build, step
-from test_segmentation_train import (HOROVODRUN, REPO, fake_root, horovod_worker,  # noqa: F401
-                                     train_command)
+from pbn_gluon import jobs
+from common import make_fake_cityscapes
+from test_segmentation_train import REPO, horovod_worker, train_command
 
 
 def group_sums(xs):
@@ -103,6 +103,11 @@ def test_device_that_never_reaches_a_syncbn_exchange_fails_the_step(monkeypatch)
         sync.step()
 
 
+@pytest.fixture(scope='module')
+def fake_root(tmp_path_factory):
+    return make_fake_cityscapes(tmp_path_factory.mktemp('fake_cityscapes'), '64x128')
+
+
 def launched_process(launcher_pid, role):
     """pid of a child of the KVStore launcher with DMLC_ROLE `role`, or None."""
     for pid in filter(str.isdigit, os.listdir('/proc')):
@@ -128,9 +133,8 @@ def test_killed_process_ends_the_job_and_keeps_the_checkpoint(victim, fake_root,
     backend = victim.split()[0]
     train = train_command('cpu_fake_pbn.yaml', fake_root, run_dir, 'backend=%s' % backend,
                           'devices=1', 'overfit_batches=1', 'epochs=1000')
-    launcher = HOROVODRUN if backend == 'horovod' else [
-        sys.executable, '-m', 'pbn_gluon.launch', '-n', '2', '--']
-    job = subprocess.Popen(launcher + train, cwd=REPO, stdout=subprocess.PIPE,
+    launcher = jobs.horovodrun if backend == 'horovod' else jobs.kvstore_launch
+    job = subprocess.Popen(launcher(2, train), cwd=REPO, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 180

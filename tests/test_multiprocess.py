@@ -11,10 +11,10 @@ from mxnet import autograd, nd
 
 import pbn_gluon
 import reference
+from pbn_gluon import jobs
 from common import make_batch, make_net
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BIN = os.path.dirname(sys.executable)
 STEPS = 2
 
 
@@ -22,9 +22,9 @@ def run_workers(backend, norm, out, extra=()):
     worker = [sys.executable, os.path.join(HERE, 'mp_worker.py'), '--backend', backend,
               '--norm', norm, '--out', str(out), '--steps', str(STEPS)] + list(extra)
     if backend == 'horovod':
-        cmd = [os.path.join(BIN, 'horovodrun'), '-np', '2', '-H', 'localhost:2', '--gloo'] + worker
+        cmd = jobs.horovodrun(2, worker)
     else:
-        cmd = [sys.executable, '-m', 'pbn_gluon.launch', '-n', '2', '--timeout', '150', '--'] + worker
+        cmd = jobs.kvstore_launch(2, worker, timeout=150)
     env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get('PYTHONPATH', ''))
     return subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=240)
 
@@ -124,8 +124,7 @@ def test_processes_with_different_nets_fail_clearly(tmp_path):
         '    y = net(x)\n'
         'y.backward()\n'
         'sync.step()\n')
-    cmd = [os.path.join(BIN, 'horovodrun'), '-np', '2', '-H', 'localhost:2', '--gloo',
-           sys.executable, str(script)]
+    cmd = jobs.horovodrun(2, [sys.executable, str(script)])
     env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get('PYTHONPATH', ''))
     result = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode != 0

@@ -154,19 +154,30 @@ def test_schedules():
 
 
 def test_group_schedule_and_local_weight_reach_the_graph():
-    """A growing group and a changing w are graph inputs: a hybridized layer follows them."""
+    """A growing group and a changing w are graph inputs: the hybridized layer's outputs follow
+    them, step by step, as the numpy spec says. Groups of 1 device until step 2, then 2; w goes
+    linearly to 1/G over 2 steps. Step t mixes in the group sums of step t-1, exchanged with
+    the group size of step t-1."""
     ctxs = [mx.cpu(i) for i in range(2)]
     layer = build(pbn_gluon.ProgressiveBatchNorm(
         in_channels=C, local_weight=pbn_gluon.schedules.Linear(start=0, steps=2),
         group_size={0: 1, 2: 2}), ctxs, True)
     sync = pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs))
-    seen = []
+    sizes = [2, 3]
+    history = []
     for t in range(4):
-        xs, dys = batches([2, 2], t)
-        step(layer, xs, dys, ctxs, sync)
-        seen.append(float(layer.local_weight.data(ctxs[0]).asscalar()))
-    # w_{t+1} after step t: Linear to 1/G with G = 1 (t+1 < 2), then G = 2
-    assert seen == pytest.approx([1.0, 0.5, 0.5, 0.5])
+        xs, dys = batches(sizes, t)
+        ys, _ = step(layer, xs, dys, ctxs, sync)
+        for k in range(2):
+            if t < 2:     # the first step, then w = 1 (groups of one device: 1/G = 1)
+                want = reference.batchnorm(xs[k], GAMMA, BETA, EPS, dys[k])[0]
+            else:         # w = 1/2 with the previous step's group: own device, then both
+                group = [history[-1][k]] if t == 2 else history[-1]
+                mean, square = reference.group_moments(group)
+                want = reference.pbn_device(xs[k], mean, square, 0.5, GAMMA, BETA, EPS,
+                                            dys[k])[0]
+            np.testing.assert_allclose(ys[k], want, rtol=1e-4, atol=1e-4, err_msg='step %d' % t)
+        history.append(xs)
 
 
 @pytest.mark.parametrize('axis', [-1, 2])

@@ -34,7 +34,8 @@ def test_bench_norm_quick(tmp_path):
     for r in records:
         assert r['status'] == 'ok', r
         assert math.isfinite(r['step_s']) and r['step_s'] > 0
-        # SyncBN: a forward and a backward exchange per layer; PBN: one non-blocking per step
+        # counted by pbn_gluon.CountingComm over the timed steps. SyncBN: a forward and a
+        # backward exchange per layer; PBN: one non-blocking exchange per step for all layers
         assert r['blocking_exchanges_per_step'] == {'bn': 0, 'pbn': 0, 'syncbn': 2 * blocks}[r['norm']]
         assert r['nonblocking_exchanges_per_step'] == (1 if r['norm'] == 'pbn' else 0)
         row = [line for line in stdout.splitlines()
@@ -56,7 +57,9 @@ def test_demo_quick(tmp_path):
         assert 0.0 <= r['miou'] <= 1.0 and 0.0 <= r['pix_acc'] <= 1.0
         assert math.isfinite(r['step_s']) and r['step_s'] > 0
         assert math.isfinite(r['final_loss'])
+        # counted by pbn_gluon.CountingComm around the run's communicator
         assert r['blocking_exchanges_per_step'] == (2 * layers if r['norm'] == 'syncbn' else 0)
+        assert r['non_blocking_exchanges_per_step'] == (1 if r['norm'] == 'pbn' else 0)
         assert r['curve'] and r['curve'][-1]['miou'] == r['miou']
         assert r['backend'] == 'local'      # every norm on CPU contexts of one process
         assert r['pbn_final_weight'] == (0.5 if r['norm'] == 'pbn' else None)

@@ -88,7 +88,8 @@ def test_corrupt_image_error_names_the_file(fake_root, tmp_path, damage):
     subprocess.run(['cp', '-r', str(fake_root), str(root)], check=True)
     dataset = CityscapesSegmentation(str(root), 'val', 'testval')
     victim = dataset.images[1]
-    data = open(victim, 'rb').read()
+    with open(victim, 'rb') as f:
+        data = f.read()
     with open(victim, 'wb') as f:
         f.write(b'not a png at all' if damage == 'garbage' else data[:len(data) // 2])
     dataset[0]

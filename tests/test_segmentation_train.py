@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 
 from common import make_fake_cityscapes
+from pbn_gluon import jobs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.dirname(sys.executable)
-HOROVODRUN = [os.path.join(BIN, 'horovodrun'), '-np', '2', '-H', 'localhost:2', '--gloo']
 
 
 @pytest.fixture(scope='module')
@@ -93,9 +92,9 @@ def test_two_contexts_learn_a_repeated_batch_and_evaluate(norm, fake_root, tmp_p
 @pytest.mark.parametrize('norm', ['syncbn', 'pbn'])
 def test_two_horovod_processes_learn_a_repeated_batch_and_evaluate(norm, fake_root, tmp_path):
     run_dir = tmp_path / 'run'
-    run(HOROVODRUN + train_command('cpu_fake_%s.yaml' % norm, fake_root, run_dir,
-                                   'backend=horovod', 'devices=1', 'overfit_batches=1',
-                                   'epochs=3'))
+    run(jobs.horovodrun(2, train_command('cpu_fake_%s.yaml' % norm, fake_root, run_dir,
+                                         'backend=horovod', 'devices=1', 'overfit_batches=1',
+                                         'epochs=3')))
     assert_learns(run_dir, 3)
     evaluate_like_the_benchmark('cpu_fake_%s.yaml' % norm, fake_root, run_dir, tmp_path)
 
@@ -106,9 +105,10 @@ def test_kvstore_workers_learn_a_repeated_batch_with_syncbn(fake_root, tmp_path)
     without running the net (a forward pass before the Trainer's first step breaks MXNet's
     dist_sync server, plain BatchNorm included)."""
     run_dir = tmp_path / 'run'
-    run([sys.executable, '-m', 'pbn_gluon.launch', '-n', '2', '--timeout', '300', '--'] +
-        train_command('cpu_fake_syncbn.yaml', fake_root, run_dir, 'backend=kvstore',
-                      'devices=1', 'overfit_batches=1', 'epochs=3'), timeout=360)
+    run(jobs.kvstore_launch(2, train_command('cpu_fake_syncbn.yaml', fake_root, run_dir,
+                                             'backend=kvstore', 'devices=1',
+                                             'overfit_batches=1', 'epochs=3'), timeout=300),
+        timeout=360)
     assert_learns(run_dir, 3)
 
 
@@ -116,9 +116,10 @@ def test_kvstore_workers_learn_a_repeated_batch_with_syncbn(fake_root, tmp_path)
 @pytest.mark.timeout(500)
 def test_kvstore_workers_learn_a_repeated_batch_and_evaluate_multiscale(fake_root, tmp_path):
     run_dir = tmp_path / 'run'
-    run([sys.executable, '-m', 'pbn_gluon.launch', '-n', '2', '--timeout', '300', '--'] +
-        train_command('cpu_fake_pbn.yaml', fake_root, run_dir, 'backend=kvstore', 'devices=1',
-                      'overfit_batches=1', 'epochs=3'), timeout=360)
+    run(jobs.kvstore_launch(2, train_command('cpu_fake_pbn.yaml', fake_root, run_dir,
+                                             'backend=kvstore', 'devices=1',
+                                             'overfit_batches=1', 'epochs=3'), timeout=300),
+        timeout=360)
     assert_learns(run_dir, 3)
     evaluate_like_the_benchmark('cpu_fake_pbn.yaml', fake_root, run_dir, tmp_path,
                                 '--multi-scale')
@@ -134,17 +135,18 @@ def test_resume_after_sigkill_ends_with_the_same_weights(backend, fake_root, tmp
     first checkpoint and resumed: weights, statistics and losses equal the uninterrupted run's."""
     full, killed = tmp_path / 'full', tmp_path / 'killed'
     settings = ['epochs=2', 'pbn_group_size={0: 1, 3: 2}']
-    launcher = HOROVODRUN if backend == 'horovod' else []
+    launcher = (lambda cmd: jobs.horovodrun(2, cmd)) if backend == 'horovod' else list
     if backend == 'horovod':
         settings += ['backend=horovod', 'devices=1']
-    run(launcher + train_command('cpu_fake_pbn.yaml', fake_root, full, *settings))
-    command = launcher + train_command('cpu_fake_pbn.yaml', fake_root, killed, *settings)
+    run(launcher(train_command('cpu_fake_pbn.yaml', fake_root, full, *settings)))
+    command = launcher(train_command('cpu_fake_pbn.yaml', fake_root, killed, *settings))
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     while proc.poll() is None and not os.path.exists(killed / 'checkpoint.json'):
         time.sleep(0.02)
     assert proc.poll() is None, 'the run ended before it could be killed'
-    os.kill(horovod_worker(0, str(killed)) if launcher else proc.pid, signal.SIGKILL)
+    os.kill(horovod_worker(0, str(killed)) if backend == 'horovod' else proc.pid,
+            signal.SIGKILL)
     assert proc.wait() != 0
     with open(killed / 'checkpoint.json') as f:
         assert json.load(f)['epoch'] == 1

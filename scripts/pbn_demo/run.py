@@ -1,0 +1,181 @@
+"""One training run of the demo (in a worker process), and the driver that starts the workers
+and watches them for progress."""
+import json
+import os
+import re
+import sys
+import time
+
+import numpy as np
+
+from .data import NUM_CLASSES, load_data
+from .model import build_net, norm_factory
+
+DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'demo.py')
+HOROVOD_PREFIX = re.compile(r'^\[(\d+)\]<stdout>:')
+
+
+def evaluate(net, val, ctx, batch=100):
+    import mxnet as mx
+    from gluoncv.utils.metrics import SegmentationMetric
+    metric = SegmentationMetric(NUM_CLASSES)
+    xs, ys = val
+    for i in range(0, len(xs), batch):
+        out = net(mx.nd.array(xs[i:i + batch], ctx=ctx))     # inference mode: running stats
+        metric.update(mx.nd.array(ys[i:i + batch], ctx=ctx), out)
+    pix_acc, miou = metric.get()
+    return float(pix_acc), float(miou)
+
+
+def run_one(cfg):
+    """Train one (norm, images_per_device, seed); returns a result record."""
+    import pbn_gluon
+    import mxnet as mx
+    from mxnet import gluon
+
+    norm, ipd, seed, steps = cfg['norm'], cfg['images_per_device'], cfg['seed'], cfg['steps']
+    if cfg['backend'] == 'horovod':     # one device per process, this process's slice
+        import horovod.mxnet as hvd
+        hvd.init()
+        if hvd.size() != cfg['contexts']:
+            raise RuntimeError('run with %d Horovod processes, got %d'
+                               % (cfg['contexts'], hvd.size()))
+        rank, ctxs = hvd.rank(), [mx.cpu()]
+    else:
+        rank, ctxs = 0, [mx.cpu(i) for i in range(cfg['contexts'])]
+    devices = range(rank, rank + len(ctxs))
+    train, val = load_data(cfg['n_train'], cfg['n_val'], cfg['data_seed'])
+    mx.random.seed(seed)
+    np.random.seed(seed)
+    net = build_net(norm_factory(norm, steps, ctxs, cfg['pbn_final'],
+                                 cfg.get('pbn_global_momentum', 0.0),
+                                 cfg.get('pbn_backward', 'local')), width=cfg['width'])
+    net.initialize(mx.init.Xavier(magnitude=2.0), ctx=ctxs)
+    net.hybridize(static_alloc=True)
+    sync = None
+    optimizer = {'learning_rate': cfg['lr'], 'momentum': 0.9, 'wd': 1e-4}
+    if cfg['backend'] == 'horovod':
+        hvd.broadcast_parameters(net.collect_params(), root_rank=0)
+        trainer = hvd.DistributedTrainer(net.collect_params(), 'sgd', optimizer)
+        comm = pbn_gluon.HorovodComm(ctxs[0])
+    else:
+        trainer = gluon.Trainer(net.collect_params(), 'sgd', optimizer, kvstore='device')
+        comm = pbn_gluon.LocalComm(ctxs)
+    comm = pbn_gluon.CountingComm(comm)     # exchanges per step: observed
+    if norm in ('syncbn', 'pbn'):
+        sync = pbn_gluon.StatsSync(net, comm)
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss(axis=1)
+    report = print if rank == 0 else (lambda *a, **k: None)
+
+    batch = ipd * cfg['contexts']     # the global batch: every device's slice of it
+    rng = np.random.RandomState(1000 + seed)     # same data order for every norm of a seed
+    xs, ys = train
+    order, pos = rng.permutation(len(xs)), 0
+    checkpoints = sorted(set(int(round(steps * f)) for f in cfg['checkpoints']) | {steps})
+    curve, step_times, train_time, losses = [], [], 0.0, []
+    for t in range(steps):
+        if pos + batch > len(order):
+            order, pos = rng.permutation(len(xs)), 0
+        idx = order[pos:pos + batch]
+        pos += batch
+        trainer.set_learning_rate(cfg['lr'] * (1.0 - t / steps) ** 0.9)
+        tic = time.time()
+        data = [mx.nd.array(xs[idx[k * ipd:(k + 1) * ipd]], ctx=c) for k, c in zip(devices, ctxs)]
+        label = [mx.nd.array(ys[idx[k * ipd:(k + 1) * ipd]], ctx=c) for k, c in zip(devices, ctxs)]
+        if t == 1:      # count from the second step: the first also checks the processes' nets
+            comm.counts.clear()
+        # Horovod's trainer also divides by the process count
+        outs = pbn_gluon.train_step(net, loss_fn, data, label, trainer, ipd * len(ctxs), sync)
+        mx.nd.waitall()
+        dt = time.time() - tic
+        train_time += dt
+        step_times.append(dt)
+        if sync is not None:
+            sync.comm.check()
+        if t % 10 == 0 or t == steps - 1:
+            losses.append((t, float(np.mean([o.mean().asscalar() for o in outs]))))
+        if t + 1 in checkpoints and rank == 0:
+            pix_acc, miou = evaluate(net, val, ctxs[0])
+            curve.append({'step': t + 1, 'train_s': train_time, 'miou': miou,
+                          'pix_acc': pix_acc})
+        if (t + 1) % max(1, steps // 20) == 0 or t == steps - 1:
+            report('progress %d' % (t + 1), flush=True)
+    warm = step_times[min(len(step_times) - 1, max(3, steps // 20)):]
+    blocking = round(comm.counts['blocking'] / (steps - 1), 3)
+    non_blocking = comm.counts['non_blocking'] / (steps - 1)
+    if rank != 0:
+        return None
+    return {'norm': norm, 'images_per_device': ipd, 'seed': seed, 'contexts': cfg['contexts'],
+            'backend': cfg['backend'],
+            'steps': steps, 'miou': curve[-1]['miou'], 'pix_acc': curve[-1]['pix_acc'],
+            'step_s': float(np.median(warm)), 'train_s': train_time,
+            'blocking_exchanges_per_step': blocking,
+            'non_blocking_exchanges_per_step': non_blocking,
+            'final_loss': losses[-1][1], 'curve': curve, 'status': 'ok',
+            'pbn_final_weight': (cfg['pbn_final'] or 1.0 / cfg['contexts']) if norm == 'pbn'
+            else None,
+            'pbn_global_momentum': cfg.get('pbn_global_momentum', 0.0) if norm == 'pbn' else None,
+            'pbn_backward': cfg.get('pbn_backward', 'local') if norm == 'pbn' else None}
+
+
+def worker_main(cfgs_json):
+    """Run a list of configs in this process; one 'result <json>' line per finished run."""
+    for cfg in json.loads(cfgs_json):
+        print('start %d' % cfg['index'], flush=True)
+        result = run_one(cfg)
+        if result is not None:      # rank 0 of a Horovod job, or the one local process
+            print('result ' + json.dumps(result), flush=True)
+
+
+def launch(cfgs, timeout, bar, on_result):
+    """Run `cfgs` (one norm) in ONE subprocess (imports and data generation cost a few seconds
+    per process). When no step completes for `timeout` s the job is stopped: the stalled run
+    is reported as failed and a new subprocess takes the remaining runs."""
+    from pbn_gluon import jobs
+    pending = list(cfgs)
+    while pending:
+        first = pending[0]
+        env = jobs.worker_env(first['norm'], first['backend'], first['contexts'], timeout)
+        cmd = [sys.executable, DEMO, '--worker', json.dumps(pending)]
+        if first['backend'] == 'horovod':
+            cmd = jobs.horovodrun(first['contexts'], cmd)
+        state = {'current': None, 'done': 0}
+
+        def on_line(line):
+            tagged = HOROVOD_PREFIX.match(line)     # horovodrun: "[rank]<stdout>:line"
+            if tagged:
+                if tagged.group(1) != '0':
+                    return
+                line = line[tagged.end():]
+            current = state['current']
+            if line.startswith('start '):
+                index = int(line.split()[1])
+                state['current'] = next(c for c in pending if c['index'] == index)
+                state['done'] = 0
+                bar.set_description('%s ipd=%d seed=%d' % (
+                    state['current']['norm'], state['current']['images_per_device'],
+                    state['current']['seed']))
+            elif line.startswith('progress ') and current is not None:
+                n = int(line.split()[1])
+                bar.update(n - state['done'])
+                state['done'] = n
+            elif line.startswith('result '):
+                on_result(current, json.loads(line[len('result '):]), '')
+                pending.remove(current)
+                state['current'] = None
+        result = jobs.run(cmd, env=env, idle_timeout=timeout, on_line=on_line)
+        if not pending:
+            return
+        current, done = state['current'], state['done']
+        failed = current if current is not None else pending[0]
+        if result.status == 'stalled':
+            message = 'stalled: no progress for %.0f s (at step %d of %d); killed' % (
+                timeout, done, failed['steps'])
+        else:
+            tail = [l for l in result.output.strip().splitlines()
+                    if not l.startswith(('start ', 'progress ', 'result '))][-5:]
+            message = 'exit code %s: %s' % (result.returncode, ' | '.join(tail).replace(
+                sys.prefix, '<venv>').replace(os.getcwd(), '.'))    # no paths of this machine
+        bar.update(failed['steps'] - done if current is not None else failed['steps'])
+        on_result(failed, None, message)
+        pending.remove(failed)
