@@ -47,7 +47,7 @@ def test_bench_norm_quick(tmp_path):
 def test_demo_quick(tmp_path):
     stdout = run_script('demo.py', '--quick', '--out', str(tmp_path))
     records = json.loads((tmp_path / 'demo.json').read_text())
-    norms = ('bn', 'syncbn', 'pbn', 'gn')
+    norms = ('bn', 'syncbn', 'pbn', 'pbn+', 'gn')
     assert sorted((r['norm'], r['images_per_device']) for r in records) == sorted(
         (n, i) for n in norms for i in (1, 2))
     layers = 5      # norm layers of the demo's segmentation net
@@ -59,10 +59,11 @@ def test_demo_quick(tmp_path):
         assert math.isfinite(r['final_loss'])
         # counted by pbn_gluon.CountingComm around the run's communicator
         assert r['blocking_exchanges_per_step'] == (2 * layers if r['norm'] == 'syncbn' else 0)
-        assert r['non_blocking_exchanges_per_step'] == (1 if r['norm'] == 'pbn' else 0)
+        assert r['non_blocking_exchanges_per_step'] == (1 if r['norm'].startswith('pbn') else 0)
         assert r['curve'] and r['curve'][-1]['miou'] == r['miou']
         assert r['backend'] == 'local'      # every norm on CPU contexts of one process
-        assert r['pbn_final_weight'] == (0.5 if r['norm'] == 'pbn' else None)
+        assert r['pbn_final_weight'] == (0.5 if r['norm'].startswith('pbn') else None)
+        assert r['pbn_backward'] == {'pbn': 'local', 'pbn+': 'progressive'}.get(r['norm'])
         assert [p['train_s'] for p in r['curve']] == sorted(p['train_s'] for p in r['curve'])
     table = [cells for cells in map(str.split, stdout.splitlines())
              if len(cells) > 2 and cells[0] in norms and cells[1].isdigit()]

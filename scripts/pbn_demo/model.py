@@ -4,18 +4,34 @@ from .data import NUM_CLASSES
 
 PBN_RAMP = 0.25        # fraction of the run over which PBN's local weight goes from 1 to w_end
 
+#: the row "pbn+": PBN with this project's two extensions (docs/pbn-spec.md) at the library's
+#: final weight 1/G, the best variant of the ablation study (README)
+PBN_PLUS = {'pbn_final': None, 'pbn_global_momentum': 0.8, 'pbn_backward': 'progressive'}
+
+
+def group_schedule(sizes, steps):
+    """Group sizes growing through `sizes` at equal fractions of the run ({step: size}), or
+    None (all devices)."""
+    if not sizes:
+        return None
+    return {int(k * steps / len(sizes)): size for k, size in enumerate(sizes)}
+
 
 def norm_factory(norm, steps, ctxs, pbn_final=None, pbn_global_momentum=0.0,
-                 pbn_backward='local'):
+                 pbn_backward='local', pbn_group_sizes=None):
     """The demo's norm layer for c channels: pbn_gluon's norm factory (GluonCV's norm_layer),
     PBN's local weight going from 1 to pbn_final (default 1/G) over the first PBN_RAMP of the
-    run, GN with 4 groups."""
+    run, GN with 4 groups. "pbn+" is PBN with PBN_PLUS."""
     from pbn_gluon.segmentation.norms import get_norm_layer, pbn_local_weight
+    if norm == 'pbn+':
+        norm, pbn_final = 'pbn', PBN_PLUS['pbn_final']
+        pbn_global_momentum = PBN_PLUS['pbn_global_momentum']
+        pbn_backward = PBN_PLUS['pbn_backward']
     ramp = pbn_local_weight('linear', start=0, steps=max(1, int(PBN_RAMP * steps)),
                             final=pbn_final)
     layer = get_norm_layer(norm, ctxs, in_process=len(ctxs) > 1, gn_groups=4, pbn_kwargs={
         'local_weight': ramp, 'global_momentum': pbn_global_momentum,
-        'backward': pbn_backward})
+        'backward': pbn_backward, 'group_size': group_schedule(pbn_group_sizes, steps)})
     return lambda c: layer(in_channels=c)
 
 

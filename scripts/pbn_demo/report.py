@@ -41,7 +41,8 @@ def plot(records, norms, ipds, path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    colors = {'bn': 'tab:red', 'syncbn': 'tab:blue', 'pbn': 'tab:green', 'gn': 'tab:gray'}
+    colors = {'bn': 'tab:red', 'syncbn': 'tab:blue', 'pbn': 'tab:green', 'pbn+': 'tab:olive',
+              'gn': 'tab:gray'}
     fig, axes = plt.subplots(1, len(ipds), figsize=(5.5 * len(ipds), 4.2), squeeze=False)
     for ax, ipd in zip(axes[0], ipds):
         for norm in norms:

@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from .data import NUM_CLASSES, load_data
-from .model import build_net, norm_factory
+from .model import PBN_PLUS, build_net, norm_factory
 
 DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'demo.py')
 HOROVOD_PREFIX = re.compile(r'^\[(\d+)\]<stdout>:')
@@ -47,9 +47,11 @@ def run_one(cfg):
     train, val = load_data(cfg['n_train'], cfg['n_val'], cfg['data_seed'])
     mx.random.seed(seed)
     np.random.seed(seed)
-    net = build_net(norm_factory(norm, steps, ctxs, cfg['pbn_final'],
-                                 cfg.get('pbn_global_momentum', 0.0),
-                                 cfg.get('pbn_backward', 'local')), width=cfg['width'])
+    pbn = dict(cfg, **PBN_PLUS) if norm == 'pbn+' else cfg     # the PBN settings of this row
+    net = build_net(norm_factory(norm, steps, ctxs, pbn['pbn_final'],
+                                 pbn.get('pbn_global_momentum', 0.0),
+                                 pbn.get('pbn_backward', 'local'),
+                                 pbn.get('pbn_group_sizes')), width=cfg['width'])
     net.initialize(mx.init.Xavier(magnitude=2.0), ctx=ctxs)
     net.hybridize(static_alloc=True)
     sync = None
@@ -62,7 +64,7 @@ def run_one(cfg):
         trainer = gluon.Trainer(net.collect_params(), 'sgd', optimizer, kvstore='device')
         comm = pbn_gluon.LocalComm(ctxs)
     comm = pbn_gluon.CountingComm(comm)     # exchanges per step: observed
-    if norm in ('syncbn', 'pbn'):
+    if norm in ('syncbn', 'pbn', 'pbn+'):
         sync = pbn_gluon.StatsSync(net, comm)
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss(axis=1)
     report = print if rank == 0 else (lambda *a, **k: None)
@@ -112,10 +114,12 @@ def run_one(cfg):
             'blocking_exchanges_per_step': blocking,
             'non_blocking_exchanges_per_step': non_blocking,
             'final_loss': losses[-1][1], 'curve': curve, 'status': 'ok',
-            'pbn_final_weight': (cfg['pbn_final'] or 1.0 / cfg['contexts']) if norm == 'pbn'
-            else None,
-            'pbn_global_momentum': cfg.get('pbn_global_momentum', 0.0) if norm == 'pbn' else None,
-            'pbn_backward': cfg.get('pbn_backward', 'local') if norm == 'pbn' else None}
+            'pbn_final_weight': (pbn['pbn_final'] or 1.0 / cfg['contexts'])
+            if norm.startswith('pbn') else None,
+            'pbn_global_momentum': pbn.get('pbn_global_momentum', 0.0)
+            if norm.startswith('pbn') else None,
+            'pbn_backward': pbn.get('pbn_backward', 'local') if norm.startswith('pbn') else None,
+            'pbn_group_sizes': pbn.get('pbn_group_sizes') if norm.startswith('pbn') else None}
 
 
 def worker_main(cfgs_json):
