@@ -51,18 +51,23 @@ class Comm:
         """Returns, for each local device, a (size, K) array whose row r is rank r's array."""
         raise NotImplementedError
 
-    def allreduce_device(self, array, out, tag, device):
-        """Write the job-wide sum of local `device`'s `array` into `out` (SyncBatchNorm).
+    def allreduce_device(self, array, out, tag, device, keep=None):
+        """Write the job-wide sum of local `device`'s `array` into `out` (SyncBatchNorm), and
+        into keep[0] too when `keep` is given, then call keep[1]().
 
         Called once per local device, from MXNet's custom-operator thread, in any order; the
         devices of this process meet without waiting (pbn_gluon.rendezvous)."""
         if len(self.contexts) == 1:
-            array.copyto(out)
-            self.allreduce_([out], tag)
+            total = array.copy()
+            self.allreduce_([total], tag)
+            total.copyto(out)
+            if keep is not None:
+                total.reshape(keep[0].shape).copyto(keep[0])
+                keep[1]()
             return
         if self._meeting is None:
             self._meeting = rendezvous.Meeting(self, rendezvous.TIMEOUT)
-        self._meeting.arrive(tag, self.contexts.index(device), array, out)
+        self._meeting.arrive(tag, self.contexts.index(device), array, out, keep)
 
     def check(self):
         """Raise the error of an exchange that failed since the last check (e.g. a timeout)."""
@@ -206,10 +211,10 @@ class CountingComm:
         self.counts['non_blocking'] += 1
         return self.inner.allgather(arrays, tag)
 
-    def allreduce_device(self, array, out, tag, device):
+    def allreduce_device(self, array, out, tag, device, keep=None):
         with self._lock:    # called from MXNet's custom-operator thread
             self.counts['blocking'] += 1.0 / len(self.inner.contexts)
-        return self.inner.allreduce_device(array, out, tag, device)
+        return self.inner.allreduce_device(array, out, tag, device, keep)
 
     def __repr__(self):
         return 'CountingComm(%r)' % (self.inner,)

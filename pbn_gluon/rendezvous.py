@@ -68,14 +68,20 @@ class Meeting:
         self._rounds = {}
         self._calls = collections.Counter()
 
-    def arrive(self, tag, index, array, out):
+    def arrive(self, tag, index, array, out, keep=None):
+        """Device `index`'s contribution `array` to round `tag`; `out` receives the sum, and
+        keep[0] a copy of it (the meeting's own array: graph buffers may be reused), after
+        which keep[1]() is called."""
         with self._lock:
             round_ = self._calls[tag, index]
             self._calls[tag, index] += 1
             key = (tag, round_)
             entry = self._rounds.setdefault(
-                key, {'copies': [None] * self.parties, 'reserved': {}, 'timer': None})
+                key, {'copies': [None] * self.parties, 'reserved': {}, 'keep': {},
+                      'timer': None})
             entry['copies'][index] = array.copy()
+            if keep is not None:
+                entry['keep'][index] = keep
             if any(c is None for c in entry['copies']):
                 entry['reserved'][index] = engine.reserve(out)
                 if entry['timer'] is None:
@@ -91,6 +97,9 @@ class Meeting:
         for j, reservation in entry['reserved'].items():
             engine.fulfil(reservation, copies[j])
         copies[index].copyto(out)
+        for j, (target, kept) in entry['keep'].items():
+            copies[j].reshape(target.shape).copyto(target)
+            kept()
 
     def _expire(self, key):
         with self._lock:

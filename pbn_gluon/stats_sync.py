@@ -31,6 +31,7 @@ from mxnet import ndarray as nd
 from mxnet.gluon import HybridBlock
 
 from .batch_stats import BatchStatsNorm
+from . import rendezvous
 from .rendezvous import cpu_resource_advice
 from .progressive_norm import ProgressiveBatchNorm
 from .stats_buffers import StatsBuffers
@@ -181,6 +182,9 @@ class StatsSync:
     def step(self):
         """Exchange this step's statistics; call once per iteration after backward()."""
         self.comm.check()       # raises if a SyncBatchNorm exchange timed out
+        for layer in self.syncbn:   # its group sums are written before anything here reads them
+            layer.wait_group_sums(len(self.comm.contexts) * (self.step_count + 1),
+                                  rendezvous.TIMEOUT)
         self._ensure_bound()
         t = self.step_count
         if self.pbn and t - self._health_read >= HEALTH_READ_INTERVAL:

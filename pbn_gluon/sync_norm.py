@@ -18,6 +18,7 @@ engine operations (the devices of one process meet through pbn_gluon.engine's de
 so it works hybridized on several CPU contexts of one process, and across processes (Horovod,
 KVStore dist_sync) on any device.
 """
+import threading
 import weakref
 
 import mxnet as mx
@@ -36,9 +37,10 @@ def exchange_tag(index, direction):
     return 'pbn_gluon.syncbn.%d.%s' % (index, direction)
 
 
-def _exchange(uid, device, direction, array, out, req, op):
+def _exchange(uid, device, direction, array, out, req, op, keep=False):
     """op's output `out` (request `req`) := sum over every device of the job of `array`, this
-    device's contribution. (On CPU the operator's arrays all say cpu(0): `device` is the truth.)"""
+    device's contribution; with `keep`, the sum also goes to the layer's batch_sums.
+    (On CPU the operator's arrays all say cpu(0): `device` is the truth.)"""
     if req == 'null':
         return
     layer = _LAYERS.get(uid)
@@ -47,24 +49,23 @@ def _exchange(uid, device, direction, array, out, req, op):
                            'pbn_gluon.StatsSync(net, comm) before training' % uid)
     target = out if req in ('write', 'inplace') else mx.nd.empty(out.shape, out.context)
     layer.comm.allreduce_device(array, target, exchange_tag(layer.exchange_index, direction),
-                                device)
+                                device, layer.keep_target(device) if keep else None)
     if target is not out:
         op.assign(out, req, target)
 
 
 class _DeviceSum(mx.operator.CustomOp):
-    def __init__(self, uid, device):
+    def __init__(self, uid, device, keep):
         super().__init__()
-        self._uid, self._device = uid, device
+        self._uid, self._device, self._keep = uid, device, keep
 
     def forward(self, is_train, req, in_data, out_data, aux):
         # the second output tells pbn_batch_norm the engine's mode (1: inference)
         self.assign(out_data[1], req[1], mx.nd.full((1,), float(not is_train),
                                                     out_data[1].context))
         if is_train:
-            _exchange(self._uid, self._device, 'fwd', in_data[0], out_data[0], req[0], self)
-            # the group sums, for StatsSync's update of the running statistics
-            self.assign(aux[0], 'write', out_data[0].reshape(aux[0].shape))
+            _exchange(self._uid, self._device, 'fwd', in_data[0], out_data[0], req[0], self,
+                      keep=self._keep)
         else:  # inference uses the running statistics; the sums are not needed
             self.assign(out_data[0], req[0], in_data[0])
 
@@ -74,28 +75,29 @@ class _DeviceSum(mx.operator.CustomOp):
 
 @mx.operator.register('pbn_gluon_device_sum')
 class _DeviceSumProp(mx.operator.CustomOpProp):
-    def __init__(self, uid):
+    """The exchange. No auxiliary state: MXNet 1.9 infers the storage types of a custom
+    operator's backward from uninitialised memory when it has one (about 1 step in 30 failed
+    with "Storage type inconsistent" on 2 CPU contexts, and the other device then waited)."""
+
+    def __init__(self, uid, keep='0'):
         super().__init__(need_top_grad=True)
-        self._uid = uid
+        self._uid, self._keep = uid, keep == '1'
 
     def list_arguments(self):
-        return ['data']
+        # keep: the layer's batch_sums, which the exchange writes (as a graph input, it is one)
+        return ['data', 'batch_sums'] if self._keep else ['data']
 
     def list_outputs(self):
         return ['output', 'is_inference']
 
-    def list_auxiliary_states(self):
-        return ['batch_sums']
-
     def infer_shape(self, in_shape):
-        sums = in_shape[0]
-        return [sums], [sums, (1,)], [(sums[0] * sums[1],)]
+        return in_shape, [in_shape[0], (1,)], []
 
     def declare_backward_dependency(self, out_grad, in_data, out_data):
         return [out_grad[0]]
 
     def create_operator(self, ctx, shapes, dtypes):
-        return _DeviceSum(self._uid, ctx)
+        return _DeviceSum(self._uid, ctx, self._keep)
 
 
 class SyncBatchNorm(BatchStatsNorm):
@@ -116,6 +118,7 @@ class SyncBatchNorm(BatchStatsNorm):
         SyncBatchNorm._uids += 1
         self.uid = '%s#%d' % (self.name, SyncBatchNorm._uids)
         self.comm, self.exchange_index = None, None
+        self._kept, self._kept_changed = 0, threading.Condition()
         _LAYERS[self.uid] = self
 
     def attach(self, comm, index):
@@ -129,6 +132,28 @@ class SyncBatchNorm(BatchStatsNorm):
         return self.comm is not None and sum(
             c.device_type == 'cpu' for c in self.comm.contexts) > 1
 
+    def keep_target(self, device):
+        """MXNet-operator path: where the exchange writes this step's group sums for `device`
+        (its batch_sums), and what it calls once it pushed the write (counts it)."""
+        def kept():
+            with self._kept_changed:
+                self._kept += 1
+                self._kept_changed.notify_all()
+        return self.batch_sums.data(device), kept
+
+    def wait_group_sums(self, count, timeout):
+        """Until `count` group sums were kept on the MXNet-operator path (at once on the fused
+        path, whose operator writes them into batch_sums in the graph). So StatsSync's update
+        of the running statistics is pushed after the writes it reads."""
+        if not self._meets_in_host_memory():
+            return
+        with self._kept_changed:
+            if not self._kept_changed.wait_for(lambda: self._kept >= count, timeout):
+                raise TimeoutError('%s: the devices of this process ran %d training forward '
+                                   'passes, %d expected by now: every device must run the '
+                                   'forward of each step before sync.step()'
+                                   % (self.name, self._kept, count))
+
     def hybrid_forward(self, F, x, gamma, beta, running_mean, running_var, batch_sums):
         if not self._use_global_stats and self._meets_in_host_memory():
             return self._native_forward(F, x, gamma, beta, running_mean, running_var,
@@ -137,8 +162,8 @@ class SyncBatchNorm(BatchStatsNorm):
 
     def _group_inputs(self, F, x, batch_sums):
         sums = F.pbn_batch_sums(x, axis=self._axis)
-        group_sums, is_inference = F.Custom(sums, batch_sums, uid=self.uid,
-                                            op_type='pbn_gluon_device_sum')
+        # pbn_batch_norm keeps the group sums in batch_sums
+        group_sums, is_inference = F.Custom(sums, uid=self.uid, op_type='pbn_gluon_device_sum')
         return group_sums, is_inference, is_inference   # no local weight in sync mode
 
     def _native_forward(self, F, x, gamma, beta, running_mean, running_var, batch_sums):
@@ -156,7 +181,7 @@ class SyncBatchNorm(BatchStatsNorm):
         total = lambda v: F.sum(v, axis=axis, exclude=True)
         sums = F.stack(total(x), total(F.square(x)),
                        F.broadcast_mul(F.ones_like(gamma), count), axis=0)
-        group, is_inference = F.Custom(sums, batch_sums, uid=self.uid,
+        group, is_inference = F.Custom(sums, batch_sums, uid=self.uid, keep='1',
                                        op_type='pbn_gluon_device_sum')
         count = F.slice_axis(group, axis=0, begin=2, end=3)
         mean = F.reshape(F.slice_axis(group, axis=0, begin=0, end=1) / count, (-1,))

@@ -55,7 +55,7 @@ class Kernels:
 
     NAMES = ('pbn_moments_partial', 'pbn_grad_partial', 'pbn_norm_forward_finalize',
              'pbn_norm_backward_finalize', 'pbn_sums_finalize', 'pbn_affine', 'pbn_affine_dy',
-             'pbn_running_update')
+             'pbn_running_update', 'pbn_accept_sums')
 
     def __init__(self):
         with open(os.path.join(CSRC, 'pbn_kernels.cuh')) as f:
@@ -426,3 +426,31 @@ def test_running_update(kernels):
     np.testing.assert_allclose(cupy.asnumpy(rv), momentum * var0 + (1 - momentum) * var,
                                rtol=1e-5, atol=1e-6)
     assert float(count[0]) == t
+
+
+@pytest.mark.parametrize('bad', [None, 'local', 'group'])
+def test_accept_sums(kernels, bad):
+    """StatsSync's acceptance of an exchange, one block: the averaged update when every group
+    sum is finite, the previous global sums kept when one is not; the health record counts
+    non-finite local and group sums and remembers the first call of each."""
+    rng = np.random.RandomState(5)
+    k = 1000                                    # several entries per thread
+    local, group = rng.normal(size=k), rng.normal(size=k)
+    rate = rng.choice([0.0, 0.8], size=k)
+    global0 = rng.normal(size=k)
+    if bad == 'local':
+        local[123] = np.nan
+    if bad == 'group':
+        group[k - 1] = np.inf
+    glob = cupy.asarray(global0, f32)
+    health = cupy.asarray([0, -1, 0, -1, 3], f32)     # 3 calls so far
+    ok = cupy.zeros(1, f32)
+    kernels.fn['pbn_accept_sums']((1,), (kernels.threads,), (
+        cupy.asarray(local, f32), cupy.asarray(group, f32), cupy.asarray(rate, f32), i64(k),
+        glob, health, ok))
+    want = global0 if bad == 'group' else rate * global0 + (1 - rate) * group
+    np.testing.assert_allclose(cupy.asnumpy(glob), want, rtol=1e-5, atol=1e-6)
+    assert list(cupy.asnumpy(health)) == [float(bad == 'group'), 3.0 if bad == 'group' else -1.0,
+                                          float(bad == 'local'), 3.0 if bad == 'local' else -1.0,
+                                          4.0]
+    assert float(ok[0]) == (0.0 if bad == 'group' else 1.0)

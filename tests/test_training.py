@@ -4,7 +4,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 from gluoncv.model_zoo import get_model
-from mxnet import autograd, gluon, nd
+from mxnet import gluon, nd
 
 import pbn_gluon
 
@@ -19,11 +19,7 @@ def train(net, ctxs, steps, shape):
     ys = [nd.array(rng.randint(0, 10, shape[0]), ctx=c) for c in ctxs]
     history = []
     for _ in range(steps):
-        with autograd.record():
-            losses = [loss_fn(net(x), y) for x, y in zip(xs, ys)]
-        autograd.backward(losses)
-        trainer.step(shape[0] * len(ctxs))
-        sync.step()
+        losses = pbn_gluon.train_step(net, loss_fn, xs, ys, trainer, shape[0] * len(ctxs), sync)
         history.append(float(sum(l.sum().asscalar() for l in losses)))
     return history
 

@@ -151,7 +151,8 @@ __device__ __forceinline__ PbnMode pbn_mode(const float* is_inference, int local
 }
 
 /* mu, r per channel (pbn_forward_channel); coef = [gamma r ; beta - mu gamma r] (2 rows of C)
- * so that y = coef0 x + coef1. batch_sums (3 rows of C) is written while training with local_stats only. */
+ * so that y = coef0 x + coef1. batch_sums (3 rows of C) is written while training: this batch's
+ * sums (PBN) or the group sums (SyncBN). */
 extern "C" __global__ void pbn_norm_forward_finalize(
     const float* __restrict__ partials, int splits, const float* __restrict__ x, long A, long C,
     long B, const float* __restrict__ gamma, const float* __restrict__ beta,
@@ -172,7 +173,7 @@ extern "C" __global__ void pbn_norm_forward_finalize(
     }
     pbn_forward_channel(mode, shift, s1, s2, (double)n, group_sums + c, C, w, running_mean[c],
                         running_var[c], &mu, &r, sums);
-    if (mode.training && mode.local_stats) {
+    if (mode.training) {
       for (int k = 0; k < 3; ++k) batch_sums[k * C + c] = (float)sums[k];
     }
     mean[c] = (float)mu;

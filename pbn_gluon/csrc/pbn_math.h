@@ -43,8 +43,8 @@ PBN_HD double pbn_effective_weight(const PbnMode& mode, double w, double group_c
 }
 
 /* Forward, one channel. s1, s2: sums of (x - shift) and (x - shift)^2 over n elements.
- * g: the group sums (stride gs between rows). Writes mu, r and (PBN, training) this batch's
- * plain sums. */
+ * g: the group sums (stride gs between rows). Writes mu, r and, while training, the sums the
+ * layer keeps in batch_sums: this batch's plain sums (PBN) or the group sums (SyncBN). */
 PBN_HD void pbn_forward_channel(const PbnMode& mode, double shift, double s1, double s2, double n,
                                 const float* g, long gs, double w, double running_mean,
                                 double running_var, double* mu, double* r, double* sums) {
@@ -69,6 +69,9 @@ PBN_HD void pbn_forward_channel(const PbnMode& mode, double shift, double s1, do
       mean = we * m + (1.0 - we) * gm;
       var = we * v + (1.0 - we) * gv + we * (1.0 - we) * (m - gm) * (m - gm);
     } else {
+      sums[0] = g[0];
+      sums[1] = g[gs];
+      sums[2] = gn;
       mean = gm;
       var = gv;
     }

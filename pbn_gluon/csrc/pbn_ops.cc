@@ -5,7 +5,8 @@
  *                  is_inference; batch_sums [aux, written]) -> (out, mean, invstd)
  *       One PBN (or SyncBN) layer: a pass over data for this batch's sums, a pass writing out.
  *       PBN (local_stats=1, training) writes this batch's [sum x, sum x^2, count] into
- *       batch_sums; SyncBN (local_stats=0) normalises with group_sums alone.
+ *       batch_sums; SyncBN (local_stats=0) normalises with group_sums alone and keeps them
+ *       in batch_sums (for the running statistics).
  *       Its backward is a reduction pass over (dy, data) and an elementwise pass writing dx.
  *   pbn_batch_sums(data) -> (3, C) [sum x, sum x^2, count]
  *       The local sums SyncBN exchanges before normalising; backward dx = dS0 + 2 x dS1.
@@ -274,7 +275,7 @@ MXReturnValue norm_forward_cpu(const std::unordered_map<std::string, std::string
     }
     pbn_forward_channel(mode, shift, s1, s2, static_cast<double>(n_per_channel), group + c,
                         l.channels, w, rmean[c], rvar[c], &mu, &r, sums);
-    if (mode.training && mode.local_stats) {
+    if (mode.training) {
       for (int k = 0; k < 3; ++k) batch_sums[k * l.channels + c] = static_cast<float>(sums[k]);
     }
     mean[c] = static_cast<float>(mu);
