@@ -2,7 +2,7 @@
 commands, the environment a worker needs, and one runner that never hangs.
 
     cmd = jobs.horovodrun(2, [sys.executable, 'train.py', ...])
-    result = jobs.run(cmd, env=jobs.worker_env('syncbn', 'local', 8, timeout=120), timeout=600)
+    result = jobs.run(cmd, env=jobs.worker_env('local', 8, timeout=120), timeout=600)
     result.status, result.returncode, result.output
 """
 import collections
@@ -32,16 +32,17 @@ def kvstore_launch(num_workers, command, timeout=None):
         ['--'] + list(command)
 
 
-def worker_env(norm, backend, contexts, timeout, base=None):
+def worker_env(backend, contexts, timeout, base=None):
     """The environment of a worker process: exchanges give up after `timeout` seconds (a dead
-    peer ends the job), and SyncBatchNorm on several CPU contexts of one process gets MXNet's
-    resource settings (pbn_gluon.rendezvous.cpu_resource_env); values in `base` (default
-    os.environ) win."""
+    peer ends the job), and several CPU contexts of one process get the MXNet resource settings
+    SyncBatchNorm needs (pbn_gluon.rendezvous.cpu_resource_env) whatever the norm: they change
+    what MXNet's seeded generators draw, so every norm must run with them to start from the same
+    weights. Values in `base` (default os.environ) win."""
     env = dict(os.environ if base is None else base)
     env.setdefault('PBN_GLUON_TIMEOUT', str(int(max(10, timeout))))
     env.setdefault('HOROVOD_GLOO_TIMEOUT_SECONDS', str(int(max(10, timeout))))
     env.setdefault('PYTHONUNBUFFERED', '1')
-    if norm == 'syncbn' and backend == 'local' and contexts > 1:
+    if backend == 'local' and contexts > 1:
         for name, value in cpu_resource_env(contexts).items():
             env.setdefault(name, value)
     return env

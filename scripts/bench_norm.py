@@ -237,7 +237,7 @@ def run_config(args, backend, norm, devices):
     fd, result = tempfile.mkstemp(prefix='bench_norm_', suffix='.json')
     os.close(fd)
     os.remove(result)
-    env = jobs.worker_env(norm, backend, devices, args.timeout)
+    env = jobs.worker_env(backend, devices, args.timeout)
     try:
         run = jobs.run(worker_command(args, backend, norm, devices, result), env=env,
                        timeout=args.timeout)

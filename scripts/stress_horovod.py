@@ -52,7 +52,7 @@ def one_run(norm, index, args, data_root, work):
         '--config', os.path.join(ROOT, 'configs', 'cpu_fake_%s.yaml' % norm),
         '--set', 'data_root=%s' % data_root, 'run_dir=%s' % run_dir, 'backend=horovod',
         'devices=1', 'overfit_batches=%d' % args.iterations, 'epochs=1'])
-    env = jobs.worker_env(norm, 'horovod', 1, args.timeout)
+    env = jobs.worker_env('horovod', 1, args.timeout)
     env['PYTHONFAULTHANDLER'] = '1'
     result = jobs.run(cmd, env=env, timeout=args.timeout, cwd=ROOT)
     code = result.returncode if result.status != 'timeout' else 'timeout'

@@ -47,14 +47,15 @@ def seed_epoch(seed, epoch):
     mx.random.seed(seed * 100003 + epoch, ctx='all')
 
 
-def ensure_cpu_resources(cfg, job):
+def ensure_cpu_resources(job):
     """SyncBatchNorm on several CPU contexts of this process needs more of MXNet's CPU resource
-    copies than its defaults (pbn_gluon.rendezvous.cpu_resource_advice), and MXNet reads them when it
-    is imported: start again once, with them set."""
-    if cfg.norm != 'syncbn' or not job.in_process or cpu_resource_advice(job.contexts) is None:
+    copies than its defaults (pbn_gluon.rendezvous.cpu_resource_advice), and MXNet reads them
+    when it is imported: start again once, with them set. Every norm does, because the setting
+    changes what MXNet's seeded generators draw: bn, syncbn and pbn start from the same weights."""
+    if not job.in_process or cpu_resource_advice(job.contexts) is None:
         return
     settings = cpu_resource_env(len(job.contexts))
-    print('%s: SyncBatchNorm on %d CPU contexts of one process: restarting with %s'
+    print('%s: %d CPU contexts of one process: restarting with %s'
           % (sys.argv[0], len(job.contexts), ' '.join('%s=%s' % kv for kv in
                                                        sorted(settings.items()))), flush=True)
     env = dict(os.environ, **settings)
@@ -68,7 +69,7 @@ def main():
     except ValueError as err:
         sys.exit('%s: %s' % (sys.argv[0], err))
     job = Job(cfg.backend, cfg.gpus, cfg.devices)
-    ensure_cpu_resources(cfg, job)
+    ensure_cpu_resources(job)
     ctx = job.contexts
 
     # data: each global batch holds batch_size images per device of the job, in rank order

@@ -139,7 +139,7 @@ def launch(cfgs, timeout, bar, on_result):
     pending = list(cfgs)
     while pending:
         first = pending[0]
-        env = jobs.worker_env(first['norm'], first['backend'], first['contexts'], timeout)
+        env = jobs.worker_env(first['backend'], first['contexts'], timeout)
         cmd = [sys.executable, DEMO, '--worker', json.dumps(pending)]
         if first['backend'] == 'horovod':
             cmd = jobs.horovodrun(first['contexts'], cmd)
