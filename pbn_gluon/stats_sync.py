@@ -105,6 +105,10 @@ class StatsSync:
             layer.check_devices(comm.size)
         self._prepare_syncbn()
         self.step_count = 0
+        # SyncBN's group sums kept so far and this object's steps (a resumed run restores
+        # step_count, not these)
+        self._kept_base = [layer.group_sums_kept for layer in self.syncbn]
+        self._steps_run = 0
         self.buffers = None
         self._weights = None
         self._health = []
@@ -182,8 +186,9 @@ class StatsSync:
     def step(self):
         """Exchange this step's statistics; call once per iteration after backward()."""
         self.comm.check()       # raises if a SyncBatchNorm exchange timed out
-        for layer in self.syncbn:   # its group sums are written before anything here reads them
-            layer.wait_group_sums(len(self.comm.contexts) * (self.step_count + 1),
+        self._steps_run += 1
+        for layer, base in zip(self.syncbn, self._kept_base):   # group sums written first
+            layer.wait_group_sums(base + len(self.comm.contexts) * self._steps_run,
                                   rendezvous.TIMEOUT)
         self._ensure_bound()
         t = self.step_count

@@ -141,6 +141,11 @@ class SyncBatchNorm(BatchStatsNorm):
                 self._kept_changed.notify_all()
         return self.batch_sums.data(device), kept
 
+    @property
+    def group_sums_kept(self):
+        """How many group sums the exchange kept on the MXNet-operator path so far."""
+        return self._kept
+
     def wait_group_sums(self, count, timeout):
         """Until `count` group sums were kept on the MXNet-operator path (at once on the fused
         path, whose operator writes them into batch_sums in the graph). So StatsSync's update

@@ -166,3 +166,24 @@ def test_killed_process_ends_the_job_and_keeps_the_checkpoint(victim, fake_root,
     last = checkpoint.latest(str(run_dir))
     assert last is not None
     assert mx.nd.load(checkpoint.model_params(last))
+
+
+def test_syncbn_in_one_process_resumes_without_waiting(monkeypatch):
+    """A resumed run (a new layer and StatsSync, the checkpoint's state at step 2) steps on at
+    once: it waits only for the group sums of its own steps. Running statistics stay equal on
+    both devices."""
+    monkeypatch.setattr(pbn_gluon.rendezvous, 'TIMEOUT', 5.0)
+    ctxs = [mx.cpu(0), mx.cpu(1)]
+    layer = build(pbn_gluon.SyncBatchNorm(in_channels=C), ctxs, True)
+    sync = pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs))
+    for t in range(2):
+        step(layer, *batches([2, 1], t), ctxs, sync)
+    layer = build(pbn_gluon.SyncBatchNorm(in_channels=C), ctxs, True)
+    resumed = pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs))
+    resumed.load_state_dict(sync.state_dict())
+    start = time.time()
+    step(layer, *batches([2, 1], 2), ctxs, resumed)
+    assert time.time() - start < 4 and resumed.step_count == 3
+    means = [layer.running_mean.data(c).asnumpy() for c in ctxs]
+    np.testing.assert_array_equal(means[0], means[1])
+    assert np.abs(means[0]).sum() > 0
