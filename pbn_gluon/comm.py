@@ -58,12 +58,15 @@ class Comm:
         Called once per local device, from MXNet's custom-operator thread, in any order; the
         devices of this process meet without waiting (pbn_gluon.rendezvous)."""
         if len(self.contexts) == 1:
-            total = array.copy()
+            if keep is None:
+                array.copyto(out)
+                self.allreduce_([out], tag)
+                return
+            total = array.copy()    # not `out`: graph buffers may be reused once it is written
             self.allreduce_([total], tag)
             total.copyto(out)
-            if keep is not None:
-                total.reshape(keep[0].shape).copyto(keep[0])
-                keep[1]()
+            total.reshape(keep[0].shape).copyto(keep[0])
+            keep[1]()
             return
         if self._meeting is None:
             self._meeting = rendezvous.Meeting(self, rendezvous.TIMEOUT)
