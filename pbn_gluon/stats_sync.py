@@ -144,11 +144,11 @@ class StatsSync:
         self._gather = [nd.array(b.gather_index(), ctx=c) for c in ctxs]
         self._momentum = [nd.array(b.per_channel([l.momentum for l in b.order]), ctx=c)
                           for c in ctxs]
-        # per-entry momentum of the exponential average of group sums (0: not averaged)
-        rate = b.per_pbn_entry([l.global_momentum for l in self.pbn])
-        self._averaging = bool(rate.any())
         if self.pbn:
             self._scratch = [nd.zeros(b.pbn_size, ctx=c) for c in ctxs]
+            # per-entry momentum of the exponential average of group sums (0: not averaged),
+            # and all zeros for the first exchange, which starts the average
+            rate = b.per_pbn_entry([l.global_momentum for l in self.pbn])
             self._rate = [nd.array(rate, ctx=c) for c in ctxs]
             self._no_rate = [nd.zeros(b.pbn_size, ctx=c) for c in ctxs]
         self._reset_health()
@@ -205,7 +205,6 @@ class StatsSync:
 
     def _exchange(self, t):
         sizes = self._group_sizes(t)
-        averaging = self._averaging and t > 0
         local = self.buffers.local
         targets = [s[:self.buffers.pbn_size] for s in self.buffers.stats]
         if all(g == self.comm.size for g in sizes):
@@ -221,7 +220,7 @@ class StatsSync:
             # G <- a G + (1 - a) G_t, or the previous G when a sum of G_t is not finite (a NaN
             # batch on a device of the group: NaN and Inf survive the sum, so every device of
             # the group decides alike without another exchange); health counts such steps
-            rate = self._rate[i] if averaging else self._no_rate[i]
+            rate = self._rate[i] if t > 0 else self._no_rate[i]
             nd.pbn_accept_sums(local[i], new, rate, dst, self._health[i])
 
     def _read_health(self):
