@@ -14,6 +14,7 @@ import collections
 import threading
 
 import mxnet as mx
+import numpy as np
 from mxnet import ndarray as nd
 
 from . import rendezvous
@@ -40,8 +41,9 @@ class Comm:
     needs_prepare = False
 
     def prepare(self, tagged_shapes):
-        """Declare the (tag, shape) pairs that exchanges will use, in the same order on every
-        process. Called by StatsSync from the main thread; a no-op unless needs_prepare."""
+        """Declare the (tag, shape, dtype) triples that exchanges will use, in the same order
+        on every process. Called by StatsSync from the main thread; a no-op unless
+        needs_prepare."""
 
     def allreduce_(self, arrays, tag):
         """In place: arrays[i] (on contexts[i]) becomes the sum of that array over the job."""
@@ -142,22 +144,23 @@ class KVStoreComm(Comm):
             self.kvstore.handle = None
 
     def prepare(self, tagged_shapes):
-        for tag, shape in tagged_shapes:
-            self._key(tag, tuple(shape))
+        for tag, shape, dtype in tagged_shapes:
+            self._key(tag, tuple(shape), np.dtype(dtype))
 
-    def _key(self, tag, shape):
+    def _key(self, tag, shape, dtype):
         with self._lock:
-            if (tag, shape) not in self._keys:
+            if (tag, shape, dtype) not in self._keys:
                 if self.needs_prepare and threading.current_thread() is not threading.main_thread():
-                    raise RuntimeError('KVStoreComm: exchange %s %s was not prepared; create '
-                                       'StatsSync before the first training step' % (tag, shape))
+                    raise RuntimeError('KVStoreComm: exchange %s %s %s was not prepared; create '
+                                       'StatsSync before the first training step'
+                                       % (tag, shape, dtype))
                 key = self.KEY_BASE + len(self._keys)
-                self.kvstore.init(key, nd.zeros(shape, ctx=self.contexts[0]))
-                self._keys[tag, shape] = key
-            return self._keys[tag, shape]
+                self.kvstore.init(key, nd.zeros(shape, ctx=self.contexts[0], dtype=dtype))
+                self._keys[tag, shape, dtype] = key
+            return self._keys[tag, shape, dtype]
 
     def allreduce_(self, arrays, tag):
-        key = self._key(tag, arrays[0].shape)
+        key = self._key(tag, arrays[0].shape, np.dtype(arrays[0].dtype))
         self.kvstore.pushpull(key, arrays if len(arrays) > 1 else arrays[0],
                               out=arrays if len(arrays) > 1 else arrays[0])
 

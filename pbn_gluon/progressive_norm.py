@@ -10,10 +10,12 @@ asynchronously by StatsSync):
 
 Gradients flow through m and v only; M, V and w are inputs of the graph. w = 1 gives plain
 BatchNorm, forward and backward; so does a step with no group sums yet (the first one).
-A layer is three operators: ``pbn_batch_norm`` (two passes over memory forward, two backward)
-and a one-element ``ones_like`` + ``Dropout`` that tells it the engine's mode.
+A layer is ``pbn_batch_norm`` (two passes over memory forward, two backward), a one-element
+BatchNorm of a constant that tells it the engine's mode without drawing random numbers
+(batch_stats.training_flag), and native identities in front of the inputs whose gradients may
+be accumulated.
 """
-from .batch_stats import BatchStatsNorm
+from .batch_stats import BatchStatsNorm, training_flag
 from .schedules import local_weight_schedule, group_size_schedule
 
 __all__ = ['ProgressiveBatchNorm']
@@ -39,9 +41,9 @@ class ProgressiveBatchNorm(BatchStatsNorm):
         centring terms are scaled by w. 'progressive' mixes them like the forward,
         dx = gamma r (dy - [w mean(dy) + (1-w) Bbar] - xhat [w mean(dy xhat) + (1-w) Gbar]),
         with Bbar, Gbar the group means of dy and dy*xhat of earlier steps, carried in the same
-        exchange (5 rows a channel). It needs gamma and beta gradients (scale=True,
-        center=True, grad_req 'write'), which are this device's [sum dy xhat, sum dy] and are
-        read from there, and ``sync.step()`` before ``trainer.step()`` (which reduces them).
+        exchange (5 rows a channel). The operator's backward writes this device's
+        [sum dy, sum dy xhat] beside the forward's sums: no gradient of gamma or beta is
+        needed, and ``sync.step()`` may come before or after ``trainer.step()``.
     **kwargs
         Every argument of mxnet.gluon.nn.BatchNorm (axis, momentum, epsilon, center, scale,
         use_global_stats, the four initializers, in_channels, prefix, params).
@@ -54,19 +56,22 @@ class ProgressiveBatchNorm(BatchStatsNorm):
 
     def __init__(self, local_weight=None, group_size=None, global_momentum=0.0,
                  backward='local', **kwargs):
-        super().__init__(**kwargs)
         if not 0.0 <= global_momentum < 1.0:
             raise ValueError('global_momentum must lie in [0, 1), got %r' % (global_momentum,))
         if backward not in ('local', 'progressive'):
             raise ValueError("backward must be 'local' or 'progressive', got %r" % (backward,))
+        super().__init__(exchange_rows=5 if backward == 'progressive' else 3, **kwargs)
         self.backward_mode = backward
-        self.exchange_rows = 5 if backward == 'progressive' else 3
         self.local_weight_schedule = local_weight_schedule(local_weight)
         self.group_size_schedule = group_size_schedule(group_size)
         self.global_momentum = float(global_momentum)
         in_channels = kwargs.get('in_channels', 0)
-        self.global_sums = self._state_param('global_sums', (self.exchange_rows, in_channels))
-        self.local_weight = self._state_param('local_weight', (1,), init='ones')
+        self.global_sums = self._state_param('global_sums', (self.exchange_rows, in_channels),
+                                             dtype='float64')
+        self.local_weight = self._state_param('local_weight', (1,), init='ones',
+                                              per_channel=False)
+        #: the zero moving statistics of the training-mode flag (batch_stats.training_flag)
+        self.flag_stats = self._state_param('flag_stats', (1,), per_channel=False)
 
     def group_size_at(self, step, num_devices):
         """G_t: the group size at `step` for a job of `num_devices` devices."""
@@ -86,15 +91,6 @@ class ProgressiveBatchNorm(BatchStatsNorm):
                              % (self.name, w, step))
         return w
 
-    def check_backward_gradients(self):
-        """backward='progressive' reads this device's sum dy and sum dy*xhat from the beta and
-        gamma gradients: fail clearly when they are not written."""
-        for param in (self.beta, self.gamma):
-            if param.grad_req != 'write':
-                raise ValueError("%s: backward='progressive' needs the gradient of %s written "
-                                 "each step (scale=True, center=True, grad_req='write'), but its "
-                                 "grad_req is %r" % (self.name, param.name, param.grad_req))
-
     def check_devices(self, num_devices):
         """Fail early when a known group size does not divide the device count."""
         schedule = self.group_size_schedule
@@ -103,10 +99,8 @@ class ProgressiveBatchNorm(BatchStatsNorm):
                 raise ValueError('%s: group size %r does not divide the %d devices of the job'
                                  % (self.name, size, num_devices))
 
-    def _group_inputs(self, F, x, batch_sums, global_sums, local_weight):
-        # Dropout of a one is 0 or 2 while training and exactly 1 in inference
-        is_inference = F.Dropout(F.ones_like(local_weight), p=0.5, cudnn_off=True)
-        return global_sums, local_weight, is_inference
+    def _group_inputs(self, F, x, batch_sums, global_sums, local_weight, flag_stats):
+        return global_sums, local_weight, training_flag(F, flag_stats)
 
     def __repr__(self):
         return '%s, local_weight=%r, group_size=%r, global_momentum=%r, backward=%r)' % (

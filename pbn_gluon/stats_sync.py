@@ -7,21 +7,27 @@ the buffers and the communicator, a layer owns its schedules and its graph:
 
 - ProgressiveBatchNorm. Forward at step t writes [sum x, sum x^2, n] into ``batch_sums`` and
   reads ``global_sums`` and ``local_weight``; with ``backward='progressive'`` its backward
-  writes [sum dy, sum dy*xhat] into ``beta.grad`` and ``gamma.grad``. All of these are views,
-  and the layer never communicates. ``sync.step()`` after the backward of step t makes ONE
-  fused, non-blocking exchange of every PBN layer's local rows (allreduce, or allgather + group
-  sum when G < devices), hands the group sums to ``pbn_accept_sums`` (which averages them in with
-  ``global_momentum``, or keeps the previous ones if any is NaN/Inf) and so fills
-  ``global_sums`` for step t+1, then sets ``local_weight`` to w_{t+1} from the layer's
-  schedules. The graph reads them as inputs: nothing waits.
+  writes [sum dy, sum dy*xhat] into the next two rows of ``batch_sums``. All of these are
+  views, and the layer never communicates. ``sync.step()`` after the backward of step t takes
+  every PBN layer's local rows (``pbn_take_sums``, which leaves count 0 behind, so a layer
+  that does not run in a step sends nothing), makes ONE fused, non-blocking exchange of them in
+  double (allreduce, or allgather + group sum when G < devices), hands the group sums to
+  ``pbn_accept_sums`` (which averages them in with ``global_momentum``, or keeps the previous
+  ones if any is NaN/Inf) and so fills ``global_sums`` for step t+1, then sets
+  ``local_weight`` to w_{t+1} from the layer's schedules. The graph reads them as inputs:
+  nothing waits.
 - SyncBatchNorm. ``StatsSync`` attaches it to the communicator (``layer.attach(comm, index)``);
   its graph exchanges inside the layer, twice per step (forward and backward, blocking) and
-  writes the group sums into ``batch_sums``, a view of ``stats``.
-- Both: ``sync.step()`` updates ``running_mean`` and ``running_var`` (views) from the group
-  sums, one fused operator per device (``pbn_running_update``):
+  writes the group sums into ``batch_sums``, a view of ``fresh``.
+- Both: ``sync.step()`` updates ``running_mean`` and ``running_var`` (views) from this step's
+  accepted group sums (``fresh``), one fused operator per device (``pbn_running_update``,
+  which consumes them: a channel of count 0 does not move):
       running_mean = m running_mean + (1 - m) M,  running_var = m running_var + (1 - m) V
 
-Everything is pushed to MXNet's engine; nothing here waits for a device.
+The state is reached only through these views: a gluon Trainer or kvstore broadcast of the
+state parameters writes copies (pbn_gluon.batch_stats.StateParameter), so ``sync.step()`` may
+come before or after ``trainer.step()``. Everything is pushed to MXNet's engine; nothing here
+waits for a device.
 """
 import warnings
 import zlib
@@ -125,8 +131,8 @@ class StatsSync:
                     'in_channels, or let a HybridBlock infer them without running the net, '
                     'net.infer_shape(example_input), before creating StatsSync' % self.comm)
             return
-        self.comm.prepare([(exchange_tag(i, d), (3, c)) for i, c in enumerate(channels)
-                           for d in ('fwd', 'bwd')])
+        self.comm.prepare([(exchange_tag(i, d), (3, c), 'float64')
+                           for i, c in enumerate(channels) for d in ('fwd', 'bwd')])
 
     # -- the buffers and what the step needs of them -----------------------------------------
 
@@ -141,16 +147,18 @@ class StatsSync:
                                  % (layer.name, layer.gamma.list_ctx(), ctxs))
         self._check_same_net([layer.gamma.shape[0] for layer in self.pbn + self.syncbn])
         b = self.buffers = StatsBuffers(self.pbn, self.syncbn, ctxs)
-        self._gather = [nd.array(b.gather_index(), ctx=c) for c in ctxs]
+        self._gather = [nd.array(b.gather_index(), ctx=c, dtype='float64') for c in ctxs]
         self._momentum = [nd.array(b.per_channel([l.momentum for l in b.order]), ctx=c)
                           for c in ctxs]
         if self.pbn:
-            self._scratch = [nd.zeros(b.pbn_size, ctx=c) for c in ctxs]
+            sums = lambda: [nd.zeros(b.pbn_size, ctx=c, dtype='float64') for c in ctxs]
+            self._taken, self._scratch = sums(), sums()
+            self._fresh = [f[:b.pbn_size] for f in b.fresh]
             # per-entry momentum of the exponential average of group sums (0: not averaged),
             # and all zeros for the first exchange, which starts the average
             rate = b.per_pbn_entry([l.global_momentum for l in self.pbn])
-            self._rate = [nd.array(rate, ctx=c) for c in ctxs]
-            self._no_rate = [nd.zeros(b.pbn_size, ctx=c) for c in ctxs]
+            self._rate = [nd.array(rate, ctx=c, dtype='float64') for c in ctxs]
+            self._no_rate = sums()
         self._reset_health()
         self._group_masks = {}
         self._weights = None
@@ -158,6 +166,9 @@ class StatsSync:
     def _ensure_bound(self):
         if self.buffers is None or self.buffers.stale():
             self._bind()
+            # a cached graph (static_alloc) keeps the engine dependencies of the arrays it was
+            # built with: rebuilt, it orders its reads and writes of the state with StatsSync's
+            _clear_cached_graphs(self.net)
 
     def _reset_health(self):
         """pbn_accept_sums' record per device: [steps with non-finite group sums, the first,
@@ -205,23 +216,25 @@ class StatsSync:
 
     def _exchange(self, t):
         sizes = self._group_sizes(t)
-        local = self.buffers.local
-        targets = [s[:self.buffers.pbn_size] for s in self.buffers.stats]
+        taken = self._taken
+        for local, dst in zip(self.buffers.local, taken):
+            nd.pbn_take_sums(local, out=dst)    # after the backward that writes local
         if all(g == self.comm.size for g in sizes):
             sums = self._scratch
-            for src, dst in zip(local, sums):
-                dst[:] = src        # sum a copy: the local buffer also holds gradients
+            for src, dst in zip(taken, sums):
+                src.copyto(dst)
             self.comm.allreduce_(sums, EXCHANGE_TAG)
         else:
-            gathered = self.comm.allgather(local, EXCHANGE_TAG)
+            gathered = self.comm.allgather(taken, EXCHANGE_TAG)
             sums = [self._group_sum(rank, rows, sizes, ctx) for rank, rows, ctx
                     in zip(self.comm.ranks, gathered, self.comm.contexts)]
-        for i, (new, dst) in enumerate(zip(sums, targets)):
+        for i, new in enumerate(sums):
             # G <- a G + (1 - a) G_t, or the previous G when a sum of G_t is not finite (a NaN
             # batch on a device of the group: NaN and Inf survive the sum, so every device of
             # the group decides alike without another exchange); health counts such steps
             rate = self._rate[i] if t > 0 else self._no_rate[i]
-            nd.pbn_accept_sums(local[i], new, rate, dst, self._health[i])
+            nd.pbn_accept_sums(taken[i], new, rate, self.buffers.stats[i], self._fresh[i],
+                               self._health[i])
 
     def _read_health(self):
         """Count the steps with non-finite statistics and warn at the first: reads the 5-number
@@ -267,13 +280,13 @@ class StatsSync:
         key = (tuple(sizes), g, ctx)
         if key not in self._group_masks:
             mask = self.buffers.per_pbn_entry([float(s == g) for s in sizes])
-            self._group_masks[key] = nd.array(mask, ctx=ctx)
+            self._group_masks[key] = nd.array(mask, ctx=ctx, dtype='float64')
         return self._group_masks[key]
 
     def _update_running(self):
         b = self.buffers
         for i in range(len(self.comm.contexts)):      # one fused operator per device
-            nd.pbn_running_update(b.stats[i], self._gather[i], self._momentum[i],
+            nd.pbn_running_update(self._gather[i], self._momentum[i], b.fresh[i],
                                   b.running_mean[i], b.running_var[i])
 
     def _set_weights(self, t):
@@ -293,13 +306,15 @@ class StatsSync:
     def state_dict(self):
         """Exchange state for a training checkpoint (numpy arrays; blocks until computed)."""
         self._ensure_bound()
-        return {'step': self.step_count,
-                'stats': [s.asnumpy() for s in self.buffers.stats]}
+        stats = [s.asnumpy() for s in self.buffers.stats] or [
+            np.zeros(0) for _ in self.comm.contexts]     # no PBN layer: nothing carried over
+        return {'step': self.step_count, 'stats': stats}
 
     def load_state_dict(self, state):
         """Restore what state_dict() returned; the net's parameters must be loaded already."""
         self._ensure_bound()
-        stats, mine = state['stats'], self.buffers.stats
+        stats = state['stats']
+        mine = self.buffers.stats or [np.zeros(0) for _ in self.comm.contexts]
         if len(stats) != len(mine) or any(a.shape != b.shape for a, b in zip(stats, mine)):
             raise ValueError('StatsSync state is for %d device(s) with buffers %s; this job has '
                              '%d with %s' % (len(stats), [a.shape for a in stats],

@@ -22,6 +22,7 @@ import threading
 import weakref
 
 import mxnet as mx
+import numpy as np
 
 from .batch_stats import BatchStatsNorm
 
@@ -92,6 +93,10 @@ class _DeviceSumProp(mx.operator.CustomOpProp):
 
     def infer_shape(self, in_shape):
         return in_shape, [in_shape[0], (1,)], []
+
+    def infer_type(self, in_type):
+        # the sums are double (exact exchange), the mode flag float32 like the data
+        return in_type, [in_type[0], np.float32], []
 
     def declare_backward_dependency(self, out_grad, in_data, out_data):
         return [out_grad[0]]
@@ -178,25 +183,32 @@ class SyncBatchNorm(BatchStatsNorm):
         copies (MXNET_CPU_PARALLEL_RAND_COPY, ~5 MB each); nodes of two devices on one copy run
         in push order, and across this layer's meeting that order can wait on itself unless
         every node has its own copy (README, known limitations). MXNet's reductions and
-        BatchNorm need only temp space, whose copies are cheap."""
+        BatchNorm need only temp space, whose copies are cheap.
+
+        The sums are double: Q - M^2 would cancel in float32 once |mean| / std passes ~100.
+        y = scale (x - mean) + beta is written for BatchNorm's fused inference operator, whose
+        float32 form (x - running_mean) scale' + beta' loses about |mean - running_mean| / std
+        ulps, as much as nn.BatchNorm loses to |mean| / std."""
         eps, axis = self._epsilon, self._axis
-        shape = F.cast(F.shape_array(x), 'float32')
+        x64 = F.cast(x, 'float64')
+        shape = F.cast(F.shape_array(x), 'float64')
         count = F.BlockGrad(F.prod(shape) / F.slice_axis(
             shape, axis=0, begin=axis, end=axis + 1 if axis != -1 else None))
         total = lambda v: F.sum(v, axis=axis, exclude=True)
-        sums = F.stack(total(x), total(F.square(x)),
-                       F.broadcast_mul(F.ones_like(gamma), count), axis=0)
+        sum_x = total(x64)
+        sums = F.stack(sum_x, total(F.square(x64)), F.broadcast_mul(F.ones_like(sum_x), count),
+                       axis=0)
         group, is_inference = F.Custom(sums, batch_sums, uid=self.uid, keep='1',
                                        op_type='pbn_gluon_device_sum')
         count = F.slice_axis(group, axis=0, begin=2, end=3)
         mean = F.reshape(F.slice_axis(group, axis=0, begin=0, end=1) / count, (-1,))
         var = F.relu(F.reshape(F.slice_axis(group, axis=0, begin=1, end=2) / count, (-1,))
                      - F.square(mean))
+        mean, var = F.cast(mean, 'float32'), F.cast(var, 'float32')
         if not self._scale:
             gamma = F.ones_like(gamma)
         scale = gamma * F.rsqrt(var + eps)
         training = F.broadcast_mul(1 - is_inference, F.ones_like(mean))
-        # y = scale (x - mean) + beta, written for BatchNorm's fused inference operator
         gamma = F.where(training, scale * F.sqrt(running_var + eps), gamma)
         beta = F.where(training, beta + scale * (running_mean - mean), beta)
         return F.BatchNorm(x, gamma, beta, running_mean, running_var, eps=eps, fix_gamma=False,

@@ -38,7 +38,7 @@ def _has_device():
 
 pytestmark = pytest.mark.skipif(not _has_device(), reason='no CUDA device')
 
-f32, i32, i64 = np.float32, np.int32, np.int64
+f32, f64, i32, i64 = np.float32, np.float64, np.int32, np.int64
 
 
 def _define(source, name):
@@ -55,7 +55,7 @@ class Kernels:
 
     NAMES = ('pbn_moments_partial', 'pbn_grad_partial', 'pbn_norm_forward_finalize',
              'pbn_norm_backward_finalize', 'pbn_sums_finalize', 'pbn_affine', 'pbn_affine_dy',
-             'pbn_running_update', 'pbn_accept_sums')
+             'pbn_running_update', 'pbn_accept_sums', 'pbn_sums_affine')
 
     def __init__(self):
         with open(os.path.join(CSRC, 'pbn_kernels.cuh')) as f:
@@ -86,7 +86,7 @@ class Kernels:
         partials = cupy.empty(splits * C * 2, f32)
         coef = cupy.empty(2 * C, f32)
         out = dict(y=cupy.empty_like(x), mean=cupy.empty(C, f32), invstd=cupy.empty(C, f32),
-                   batch_sums=cupy.full((3, C), -7.0, f32))
+                   batch_sums=cupy.full((3, C), -7.0, f64))
         w, is_inference = cupy.full(1, w, f32), cupy.full(1, is_inference, f32)
         shape = (i64(A), i64(C), i64(B))
         t = (self.threads,)
@@ -108,7 +108,8 @@ class Kernels:
         partials = cupy.empty(splits * C * 2, f32)
         coef = cupy.empty(3 * C, f32)
         out = dict(dx=cupy.empty_like(x), dgamma=cupy.empty(C, f32), dbeta=cupy.empty(C, f32),
-                   dgroup=cupy.full(group.shape, -7.0, f32))
+                   dgroup=cupy.full(group.shape, -7.0, f64),
+                   grad_rows=cupy.full((2, C), -7.0, f64))
         w, is_inference = cupy.full(1, w, f32), cupy.full(1, is_inference, f32)
         shape = (i64(A), i64(C), i64(B))
         t = (self.threads,)
@@ -119,7 +120,7 @@ class Kernels:
             self.fn['pbn_norm_backward_finalize']((channel_blocks,), t, (
                 partials, i32(splits), i64(A * B), i64(C), gamma, group, i32(group.shape[0]),
                 w, is_inference, i32(local_stats), i32(fix_gamma), mean, invstd, out['dgamma'],
-                out['dbeta'], out['dgroup'], coef))
+                out['dbeta'], out['dgroup'], out['grad_rows'], coef))
             self.fn['pbn_affine_dy']((affine_blocks,), t, (
                 x, dy, out['dx'], coef, coef[C:], coef[2 * C:], *shape, i32(lanes)))
         return run, out
@@ -128,7 +129,7 @@ class Kernels:
         A, C, B = x.shape
         lanes, splits, affine_blocks, channel_blocks = self.plan(A, C, B, **plan)
         partials = cupy.empty(splits * C * 2, f32)
-        out = dict(sums=cupy.empty((3, C), f32), dx=cupy.empty_like(x))
+        out = dict(sums=cupy.empty((3, C), f64), dx=cupy.empty_like(x))
         shape = (i64(A), i64(C), i64(B))
         t = (self.threads,)
 
@@ -136,7 +137,7 @@ class Kernels:
             self.fn['pbn_moments_partial']((C, splits), t, (x, *shape, i32(lanes), partials))
             self.fn['pbn_sums_finalize']((channel_blocks,), t, (
                 partials, i32(splits), x, *shape, out['sums']))
-            self.fn['pbn_affine']((affine_blocks,), t, (
+            self.fn['pbn_sums_affine']((affine_blocks,), t, (
                 x, out['dx'], dsums[1], f32(2.0), dsums[0], *shape, i32(lanes)))
         return run, out
 
@@ -214,12 +215,12 @@ def reference_backward(dy, x, gamma, G, w, mean, invstd, training, local_stats, 
 # --------------------------------------- cases ------------------------------------------------
 
 #: name: (is_inference, local_stats, fix_gamma, group rows, group count / n, local weight);
-#: while training is_inference is 0 or 2 (Dropout of ones), 1 in inference
+#: is_inference is 0 while training, 1 in inference (the kernels' threshold is 1/2)
 MODES = {
-    'pbn': (2.0, 1, 0, 3, 4, 0.7),
+    'pbn': (0.0, 1, 0, 3, 4, 0.7),
     'pbn_progressive': (0.0, 1, 0, 5, 4, 0.3),
     'first_step': (0.0, 1, 0, 3, 0, 0.7),
-    'sync': (2.0, 0, 0, 3, 8, 0.5),
+    'sync': (0.0, 0, 0, 3, 8, 0.5),
     'inference': (1.0, 1, 0, 5, 4, 0.7),
     'fix_gamma': (0.0, 1, 1, 5, 4, 0.6),
 }
@@ -252,13 +253,14 @@ def make_inputs(shape, mode, seed=0):
     params = dict(gamma=1 + 0.2 * rng.standard_normal(C), beta=rng.standard_normal(C),
                   rmean=center + 0.1 * rng.standard_normal(C), rvar=3 + rng.random(C),
                   G=G)
-    params = {k: v.astype(f32) for k, v in params.items()}
+    params = {k: v.astype(f64 if k == 'G' else f32) for k, v in params.items()}   # sums: double
     return x, dy, params, dict(w=w, is_inference=is_inference, local_stats=local_stats,
                                fix_gamma=fix_gamma)
 
 
 def _gpu(a):
-    return cupy.asarray(np.ascontiguousarray(a, dtype=f32))
+    """On the GPU, float32 unless `a` is float64 (the exchanged sums)."""
+    return cupy.asarray(np.ascontiguousarray(a, dtype=f64 if a.dtype == f64 else f32))
 
 
 def assert_close(name, got, want, rtol, scale=None):
@@ -278,7 +280,7 @@ def kernels():
 @pytest.mark.parametrize('shape,mode,plan', CASES)
 def test_norm_forward_backward(kernels, shape, mode, plan):
     x, dy, p, m = make_inputs(shape, mode)
-    training = m['is_inference'] != 1.0
+    training = m['is_inference'] < 0.5
     x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
     p64 = {k: v.astype(np.float64) for k, v in p.items()}
     want = reference_forward(x64, p64['gamma'], p64['beta'], p64['rmean'], p64['rvar'],
@@ -316,13 +318,21 @@ def test_norm_forward_backward(kernels, shape, mode, plan):
         assert (cupy.asnumpy(got['dgroup']) == 0).all()
     else:
         assert_close('dgroup', got['dgroup'], want['dgroup'], 1e-4)
+    # the progressive backward's rows: [sum dy, sum dy xhat] while training, untouched otherwise
+    if training:
+        xhat = (x64 - mean.astype(np.float64)[None, :, None]) * invstd.astype(np.float64)[None, :, None]
+        rows = np.stack([dy64.sum(axis=(0, 2)), (dy64 * xhat).sum(axis=(0, 2))])
+        assert_close('grad_rows', got['grad_rows'], rows, 1e-4,
+                     scale=np.abs(dy64).sum(axis=(0, 2)).max())
+    else:
+        assert (cupy.asnumpy(got['grad_rows']) == -7.0).all(), 'grad_rows written'
 
 
 @pytest.mark.parametrize('shape,plan', [(s, p) for s in SMALL for p in PLANS] +
                          [(s, 'auto') for s in DEEPLAB])
 def test_batch_sums(kernels, shape, plan):
     x, _, _, _ = make_inputs(shape, 'sync')
-    dsums = np.random.default_rng(1).standard_normal((3, shape[1])).astype(f32)
+    dsums = np.random.default_rng(1).standard_normal((3, shape[1]))
     x64 = x.astype(np.float64)
     run, got = kernels.prepare_sums(_gpu(x), _gpu(dsums), **PLANS[plan])
     run()
@@ -410,20 +420,22 @@ def test_running_update(kernels):
     gather = np.stack([first, first + per, first + 2 * per])
     stats[gather[2]] = rng.randint(1, 50, gather.shape[1])       # counts
     stats[gather[1]] += stats[gather[0]] ** 2 / stats[gather[2]]  # sum x^2 >= (sum x)^2 / n
+    stats[gather[2][4]] = 0                 # a layer that did not run: left as it is
     momentum = np.repeat([0.9, 0.5, 0.99], channels)
     mean0, var0 = rng.normal(0, 1, len(momentum)), rng.uniform(0.5, 2, len(momentum))
     rm, rv = cupy.asarray(mean0, f32), cupy.asarray(var0, f32)
     count = cupy.zeros(1, f32)
     t = len(momentum)
     kernels.fn['pbn_running_update']((1,), (kernels.threads,), (
-        cupy.asarray(stats, f32), cupy.asarray(gather, f32), cupy.asarray(momentum, f32),
+        cupy.asarray(stats, f64), cupy.asarray(gather, f64), cupy.asarray(momentum, f32),
         i64(t), rm, rv, count))
     n = stats[gather[2]]
-    mean = stats[gather[0]] / n
-    var = np.maximum(stats[gather[1]] / n - mean ** 2, 0)
-    np.testing.assert_allclose(cupy.asnumpy(rm), momentum * mean0 + (1 - momentum) * mean,
+    mean = stats[gather[0]] / np.maximum(n, 1)
+    var = np.maximum(stats[gather[1]] / np.maximum(n, 1) - mean ** 2, 0)
+    moved = np.where(n > 0, momentum, 1.0)
+    np.testing.assert_allclose(cupy.asnumpy(rm), moved * mean0 + (1 - moved) * mean,
                                rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(cupy.asnumpy(rv), momentum * var0 + (1 - momentum) * var,
+    np.testing.assert_allclose(cupy.asnumpy(rv), moved * var0 + (1 - moved) * var,
                                rtol=1e-5, atol=1e-6)
     assert float(count[0]) == t
 
@@ -442,14 +454,17 @@ def test_accept_sums(kernels, bad):
         local[123] = np.nan
     if bad == 'group':
         group[k - 1] = np.inf
-    glob = cupy.asarray(global0, f32)
+    glob = cupy.asarray(global0, f64)
+    fresh = cupy.full(k, -7.0, f64)
     health = cupy.asarray([0, -1, 0, -1, 3], f32)     # 3 calls so far
     ok = cupy.zeros(1, f32)
     kernels.fn['pbn_accept_sums']((1,), (kernels.threads,), (
-        cupy.asarray(local, f32), cupy.asarray(group, f32), cupy.asarray(rate, f32), i64(k),
-        glob, health, ok))
+        cupy.asarray(local, f64), cupy.asarray(group, f64), cupy.asarray(rate, f64), i64(k),
+        glob, fresh, health, ok))
     want = global0 if bad == 'group' else rate * global0 + (1 - rate) * group
-    np.testing.assert_allclose(cupy.asnumpy(glob), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cupy.asnumpy(glob), want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(cupy.asnumpy(fresh), 0 * want if bad == 'group' else want,
+                               rtol=1e-12, atol=1e-12)
     assert list(cupy.asnumpy(health)) == [float(bad == 'group'), 3.0 if bad == 'group' else -1.0,
                                           float(bad == 'local'), 3.0 if bad == 'local' else -1.0,
                                           4.0]

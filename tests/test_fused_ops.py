@@ -13,13 +13,16 @@ from test_progressive_norm import BETA, C, EPS, GAMMA, batches, build, step
 
 
 def run_op(x, group, w, dy, training=True, local_stats=True, axis=1, running=None):
-    """One forward + backward of pbn_batch_norm; returns y, dx, dgamma, dbeta, dgroup, sums."""
+    """One forward + backward of pbn_batch_norm; returns y, dx, dgamma, dbeta, dgroup, and the
+    batch sums it wrote (as many rows as `group`: a 5-row buffer also gets [sum dy, sum dy
+    xhat] from the backward). Group and batch sums are float64."""
     c = x.shape[axis]
+    rows = len(group)
     running = running or (np.zeros(c), np.ones(c))
     gamma, beta = nd.array(GAMMA[:c]), nd.array(BETA[:c])
     args = [nd.array(x), gamma, beta, nd.array(running[0]), nd.array(running[1]),
-            nd.array(group), nd.array([w]), nd.array([0.0 if training else 1.0])]
-    batch_sums = nd.zeros(3 * c)
+            nd.array(group, dtype='float64'), nd.array([w]), nd.array([0.0 if training else 1.0])]
+    batch_sums = nd.zeros(rows * c, dtype='float64')
     for a in (args[0], gamma, beta, args[5]):
         a.attach_grad()
     with autograd.record():
@@ -27,7 +30,7 @@ def run_op(x, group, w, dy, training=True, local_stats=True, axis=1, running=Non
                               local_stats=local_stats)[0]
     y.backward(nd.array(dy))
     return (y.asnumpy(), args[0].grad.asnumpy(), gamma.grad.asnumpy(), beta.grad.asnumpy(),
-            args[5].grad.asnumpy(), batch_sums.asnumpy().reshape(3, c))
+            args[5].grad.asnumpy(), batch_sums.asnumpy().reshape(rows, c))
 
 
 def group_sums_of(xs, dys=None, rows=3):
@@ -46,7 +49,8 @@ def group_sums_of(xs, dys=None, rows=3):
 @pytest.mark.parametrize('w', [0.0, 0.3, 1.0])
 def test_operator_matches_numpy_spec(rows, w):
     """Forward, dx, dgamma, dbeta and the written local sums for 3-row (the spec) and 5-row
-    (progressive backward) group sums, against reference.pbn_from_group_sums."""
+    (progressive backward) group sums, against reference.pbn_from_group_sums; with 5 rows the
+    backward also writes this device's [sum dy, sum dy xhat] (= dbeta, dgamma)."""
     xs, dys = batches([2, 3, 1], 0)
     group = group_sums_of(xs, dys, rows)
     x, dy = batches([3], 1)[0][0], batches([3], 1)[1][0]
@@ -55,7 +59,9 @@ def test_operator_matches_numpy_spec(rows, w):
     for got, ref in zip((y, dx, dgamma, dbeta), want):
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
     n, m, q = reference.channel_moments(x)
-    np.testing.assert_allclose(sums, [n * m, n * q, np.full(C, n)], rtol=1e-5)
+    np.testing.assert_allclose(sums[:3], [n * m, n * q, np.full(C, n)], rtol=1e-5)
+    if rows == 5:
+        np.testing.assert_allclose(sums[3:], [want[3], want[2]], rtol=1e-4, atol=1e-4)
 
 
 def test_operator_without_group_data_is_batchnorm():
@@ -123,20 +129,28 @@ def test_batch_sums_gradient():
     a.attach_grad()
     with autograd.record():
         s = nd.pbn_batch_sums(a)
-    s.backward(nd.array(dsums))
+    s.backward(nd.array(dsums, dtype='float64'))
     shape = (1, -1, 1, 1)
     np.testing.assert_allclose(a.grad.asnumpy(), dsums[0].reshape(shape)
                                + 2 * x * dsums[1].reshape(shape), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('norm,most', [(pbn_gluon.ProgressiveBatchNorm, 4),
-                                       (pbn_gluon.SyncBatchNorm, 4)])
-def test_layer_forward_graph_is_a_few_operators(norm, most):
-    """Counted from the symbol JSON (the issue's bound: at most 4; nn.BatchNorm is 1)."""
-    out = norm(in_channels=4)(mx.sym.var('data'))
+@pytest.mark.parametrize('norm,expected', [
+    (pbn_gluon.ProgressiveBatchNorm, ['_copy', '_copy', 'ones_like', 'BatchNorm', 'BlockGrad',
+                                      'pbn_batch_norm']),
+    (pbn_gluon.SyncBatchNorm, ['_copy', '_copy', 'pbn_batch_sums', 'Custom', 'pbn_batch_norm'])])
+def test_layer_forward_graph_is_a_few_operators(norm, expected):
+    """Counted from the symbol JSON of a layer inside a graph (nn.BatchNorm is 1): identities
+    (_copy) in front of gamma and beta, whose gradients they accumulate under grad_req 'add';
+    PBN's one-element mode flag (BatchNorm of a constant); one fused operator. A layer whose
+    input is a graph input also copies x (a gradient of its own to accumulate)."""
+    x = mx.sym.relu(mx.sym.var('data'))
+    out = norm(in_channels=4)(x)
     ops = [node['op'] for node in json.loads(out.tojson())['nodes'] if node['op'] != 'null']
-    assert len(ops) <= most, ops
-    assert 'pbn_batch_norm' in ops
+    assert sorted(ops[1:]) == sorted(expected), ops
+    leaf = norm(in_channels=4)(mx.sym.var('data'))
+    ops = [node['op'] for node in json.loads(leaf.tojson())['nodes'] if node['op'] != 'null']
+    assert sorted(ops) == sorted(expected + ['_copy']), ops
 
 
 @pytest.mark.parametrize('hybridize', [False, True])
@@ -282,10 +296,28 @@ def test_local_weight_one_is_batchnorm_in_both_backwards(backward):
         np.testing.assert_allclose(dxs[k], dx, rtol=1e-3, atol=1e-4)
 
 
-def test_progressive_backward_needs_gamma_and_beta_gradients():
-    layer = build(pbn_gluon.ProgressiveBatchNorm(in_channels=C, backward='progressive',
-                                                 center=False), [mx.cpu()], False)
-    sync = pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm([mx.cpu()]))
-    step(layer, *batches([2], 0), [mx.cpu()])
-    with pytest.raises(ValueError, match="backward='progressive' needs the gradient"):
-        sync.step()
+def test_progressive_backward_needs_no_gamma_or_beta_gradient():
+    """backward='progressive' with neither scale nor center (no gamma/beta gradient at all):
+    the operator's backward writes [sum dy, sum dy xhat] itself; step 1's dx on 2 devices
+    matches the numpy reference with gamma 1 and beta 0."""
+    ctxs = [mx.cpu(0), mx.cpu(1)]
+    w = 0.4
+    layer = pbn_gluon.ProgressiveBatchNorm(in_channels=C, local_weight=w, scale=False,
+                                           center=False, backward='progressive')
+    layer.initialize(ctx=ctxs)
+    assert layer.gamma.grad_req == 'null' and layer.beta.grad_req == 'null'
+    sync = pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs))
+    ones, zeros = np.ones(C), np.zeros(C)
+    x0, dy0 = batches([2, 3], 0)
+    step(layer, x0, dy0, ctxs, sync)
+    x1, dy1 = batches([2, 3], 1)
+    ys, dxs = step(layer, x1, dy1, ctxs, sync)
+    group = np.zeros((5, C))
+    for x, dy in zip(x0, dy0):
+        n, m, q = reference.channel_moments(x)
+        _, _, dgamma, dbeta = reference.batchnorm(x, ones, zeros, EPS, dy)
+        group += [n * m, n * q, np.full(C, n), dbeta, dgamma]
+    for k in range(2):
+        y, dx, _, _ = reference.pbn_from_group_sums(x1[k], group, w, ones, zeros, EPS, dy1[k])
+        np.testing.assert_allclose(ys[k], y, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(dxs[k], dx, rtol=1e-3, atol=1e-4)

@@ -129,3 +129,35 @@ def test_processes_with_different_nets_fail_clearly(tmp_path):
     result = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode != 0
     assert 'processes run different nets' in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize('backend', ['horovod', 'kvstore'])
+def test_trainer_and_sync_order_across_processes(backend, tmp_path):
+    """2 processes, PBN with both extensions as the first layer: Horovod's DistributedTrainer
+    after broadcast_parameters(net.collect_params()), and a Trainer on the dist_sync kvstore
+    (update_on_kvstore=False). trainer.step() before or after sync.step(): the first group
+    sums are numpy's over the whole batch, and the weights after 4 steps agree."""
+    results = {}
+    for order in ('trainer-first', 'sync-first'):
+        out = tmp_path / order
+        worker = [sys.executable, os.path.join(HERE, 'mp_order_worker.py'), '--backend',
+                  backend, '--order', order, '--out', str(out)]
+        cmd = jobs.horovodrun(2, worker) if backend == 'horovod' else \
+            jobs.kvstore_launch(2, worker, timeout=150)
+        env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get('PYTHONPATH', ''))
+        run = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True,
+                             timeout=240)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        results[order] = load(out)
+    x, _ = make_batch(0, 2)
+    n, m, q = reference.channel_moments(x)
+    want = [n * m, n * q, np.full(3, n)]
+    for order, ranks in results.items():
+        for r in ranks:
+            np.testing.assert_allclose(r['group_sums'], want, rtol=1e-6, err_msg=order)
+    first, second = results['trainer-first'][0], results['sync-first'][0]
+    names = [k for k in first.files if k.startswith('param')]
+    assert len(names) == 6
+    for name in names:
+        np.testing.assert_allclose(first[name], second[name], rtol=1e-5, atol=1e-6,
+                                   err_msg=name)

@@ -98,9 +98,9 @@ bool launched(const char* what) {
 
 bool pbn_norm_forward_cuda(const PbnLayout& l, const PbnMode& mode, const float* x,
                            const float* gamma, const float* beta, const float* running_mean,
-                           const float* running_var, const float* group_sums,
+                           const float* running_var, const pbn_sum_t* group_sums,
                            const float* local_weight, const float* is_inference,
-                           float* batch_sums, float* y, float* mean, float* invstd,
+                           pbn_sum_t* batch_sums, float* y, float* mean, float* invstd,
                            const mxnet::ext::OpResource& res) {
   if (l.channels == 0) return true;
   const Plan p = plan_for(l);
@@ -119,11 +119,11 @@ bool pbn_norm_forward_cuda(const PbnLayout& l, const PbnMode& mode, const float*
 }
 
 bool pbn_norm_backward_cuda(const PbnLayout& l, const PbnMode& mode, const float* dy,
-                            const float* x, const float* gamma, const float* group_sums,
+                            const float* x, const float* gamma, const pbn_sum_t* group_sums,
                             int group_rows, const float* local_weight,
                             const float* is_inference, const float* mean, const float* invstd,
-                            float* dx, float* dgamma, float* dbeta, float* dgroup,
-                            const mxnet::ext::OpResource& res) {
+                            float* dx, float* dgamma, float* dbeta, pbn_sum_t* dgroup,
+                            pbn_sum_t* grad_rows, const mxnet::ext::OpResource& res) {
   if (l.channels == 0) return true;
   const Plan p = plan_for(l);
   float *partials, *coef;
@@ -134,14 +134,14 @@ bool pbn_norm_backward_cuda(const PbnLayout& l, const PbnMode& mode, const float
   pbn_norm_backward_finalize<<<p.channel_blocks, PBN_THREADS, 0, stream>>>(
       partials, p.splits, l.outer * l.inner, l.channels, gamma, group_sums, group_rows,
       local_weight, is_inference, mode.local_stats, mode.fix_gamma, mean, invstd, dgamma, dbeta,
-      dgroup, coef);
+      dgroup, grad_rows, coef);
   pbn_affine_dy<<<p.affine_blocks, PBN_THREADS, 0, stream>>>(
       x, dy, dx, coef, coef + l.channels, coef + 2 * l.channels, l.outer, l.channels, l.inner,
       p.lanes);
   return launched("pbn_batch_norm (backward)");
 }
 
-bool pbn_sums_forward_cuda(const PbnLayout& l, const float* x, float* sums,
+bool pbn_sums_forward_cuda(const PbnLayout& l, const float* x, pbn_sum_t* sums,
                            const mxnet::ext::OpResource& res) {
   if (l.channels == 0) return true;
   const Plan p = plan_for(l);
@@ -156,26 +156,36 @@ bool pbn_sums_forward_cuda(const PbnLayout& l, const float* x, float* sums,
 }
 
 /* dx = dsums[0, c] + 2 x dsums[1, c] */
-bool pbn_sums_backward_cuda(const PbnLayout& l, const float* dsums, const float* x, float* dx,
-                            const mxnet::ext::OpResource& res) {
+bool pbn_sums_backward_cuda(const PbnLayout& l, const pbn_sum_t* dsums, const float* x,
+                            float* dx, const mxnet::ext::OpResource& res) {
   if (l.channels == 0) return true;
   const Plan p = plan_for(l);
-  pbn_affine<<<p.affine_blocks, PBN_THREADS, 0, res.get_cuda_stream()>>>(
-      x, dx, dsums + l.channels, 2.f, dsums, l.outer, l.channels, l.inner, p.lanes);
+  pbn_sums_affine<<<p.affine_blocks, PBN_THREADS, 0, res.get_cuda_stream()>>>(
+      x, dx, dsums + l.channels, 2.0, dsums, l.outer, l.channels, l.inner, p.lanes);
   return launched("pbn_batch_sums (backward)");
 }
 
-bool pbn_zero_cuda(float* p, long n, const mxnet::ext::OpResource& res) {
-  if (n <= 0) return true;
-  cudaError_t err = cudaMemsetAsync(p, 0, n * sizeof(float), res.get_cuda_stream());
+bool pbn_zero_cuda(void* p, size_t bytes, const mxnet::ext::OpResource& res) {
+  if (bytes == 0) return true;
+  cudaError_t err = cudaMemsetAsync(p, 0, bytes, res.get_cuda_stream());
   if (err == cudaSuccess) return true;
   MX_ERROR_MSG << "pbn_gluon: zeroing a gradient failed: " << cudaGetErrorString(err);
   return false;
 }
 
-bool pbn_running_update_cuda(const float* stats, const float* gather, const float* momentum,
-                             long channels, float* running_mean, float* running_var,
-                             float* channel_count, const mxnet::ext::OpResource& res) {
+bool pbn_copy_cuda(void* dst, const void* src, size_t bytes, const mxnet::ext::OpResource& res) {
+  if (bytes == 0) return true;
+  cudaError_t err = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice,
+                                    res.get_cuda_stream());
+  if (err == cudaSuccess) return true;
+  MX_ERROR_MSG << "pbn_gluon: copying batch sums failed: " << cudaGetErrorString(err);
+  return false;
+}
+
+bool pbn_running_update_cuda(const pbn_sum_t* stats, const double* gather,
+                             const float* momentum, long channels, float* running_mean,
+                             float* running_var, float* channel_count,
+                             const mxnet::ext::OpResource& res) {
   long blocks = (channels + PBN_THREADS - 1) / PBN_THREADS;
   blocks = blocks < 1 ? 1 : (blocks > 4096 ? 4096 : blocks);
   pbn_running_update<<<static_cast<unsigned>(blocks), PBN_THREADS, 0, res.get_cuda_stream()>>>(
@@ -183,10 +193,10 @@ bool pbn_running_update_cuda(const float* stats, const float* gather, const floa
   return launched("pbn_running_update");
 }
 
-bool pbn_accept_sums_cuda(const float* local, const float* group, const float* rate, long k,
-                          float* global, float* health, float* group_ok,
-                          const mxnet::ext::OpResource& res) {
+bool pbn_accept_sums_cuda(const pbn_sum_t* local, const pbn_sum_t* group, const pbn_sum_t* rate,
+                          long k, pbn_sum_t* global, pbn_sum_t* fresh, float* health,
+                          float* group_ok, const mxnet::ext::OpResource& res) {
   pbn_accept_sums<<<1, PBN_THREADS, 0, res.get_cuda_stream()>>>(local, group, rate, k, global,
-                                                                health, group_ok);
+                                                                fresh, health, group_ok);
   return launched("pbn_accept_sums");
 }

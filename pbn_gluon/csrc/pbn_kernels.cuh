@@ -143,7 +143,7 @@ __device__ __forceinline__ void pbn_combine(const float* partials, int splits, l
 __device__ __forceinline__ PbnMode pbn_mode(const float* is_inference, int local_stats,
                                             int fix_gamma, float eps) {
   PbnMode mode;
-  mode.training = is_inference[0] != 1.0f;
+  mode.training = pbn_is_training(is_inference[0]);
   mode.local_stats = local_stats;
   mode.fix_gamma = fix_gamma;
   mode.eps = eps;
@@ -157,9 +157,9 @@ extern "C" __global__ void pbn_norm_forward_finalize(
     const float* __restrict__ partials, int splits, const float* __restrict__ x, long A, long C,
     long B, const float* __restrict__ gamma, const float* __restrict__ beta,
     const float* __restrict__ running_mean, const float* __restrict__ running_var,
-    const float* __restrict__ group_sums, const float* __restrict__ local_weight,
+    const pbn_sum_t* __restrict__ group_sums, const float* __restrict__ local_weight,
     const float* __restrict__ is_inference, int local_stats, int fix_gamma, float eps,
-    float* __restrict__ batch_sums, float* __restrict__ mean, float* __restrict__ invstd,
+    pbn_sum_t* __restrict__ batch_sums, float* __restrict__ mean, float* __restrict__ invstd,
     float* __restrict__ coef) {
   const PbnMode mode = pbn_mode(is_inference, local_stats, fix_gamma, eps);
   const double w = local_weight[0];
@@ -174,7 +174,7 @@ extern "C" __global__ void pbn_norm_forward_finalize(
     pbn_forward_channel(mode, shift, s1, s2, (double)n, group_sums + c, C, w, running_mean[c],
                         running_var[c], &mu, &r, sums);
     if (mode.training) {
-      for (int k = 0; k < 3; ++k) batch_sums[k * C + c] = (float)sums[k];
+      for (int k = 0; k < 3; ++k) batch_sums[k * C + c] = sums[k];
     }
     mean[c] = (float)mu;
     invstd[c] = (float)r;
@@ -185,14 +185,16 @@ extern "C" __global__ void pbn_norm_forward_finalize(
 }
 
 /* pbn_backward_channel per channel: dgamma, dbeta, dgroup rows 0 and 1 (the other rows 0),
- * and coef = [b ; k ; a] (3 rows of C) so that dx = a dy + b x + k. */
+ * and coef = [b ; k ; a] (3 rows of C) so that dx = a dy + b x + k. grad_rows (2 rows of C, or
+ * null): this device's [sum dy, sum dy xhat] for the progressive backward, while training. */
 extern "C" __global__ void pbn_norm_backward_finalize(
     const float* __restrict__ partials, int splits, long n, long C,
-    const float* __restrict__ gamma, const float* __restrict__ group_sums, int group_rows,
+    const float* __restrict__ gamma, const pbn_sum_t* __restrict__ group_sums, int group_rows,
     const float* __restrict__ local_weight, const float* __restrict__ is_inference,
     int local_stats, int fix_gamma, const float* __restrict__ mean,
     const float* __restrict__ invstd, float* __restrict__ dgamma, float* __restrict__ dbeta,
-    float* __restrict__ dgroup, float* __restrict__ coef) {
+    pbn_sum_t* __restrict__ dgroup, pbn_sum_t* __restrict__ grad_rows,
+    float* __restrict__ coef) {
   const PbnMode mode = pbn_mode(is_inference, local_stats, fix_gamma, 0.f);
   const double w = local_weight[0];
   for (long c = blockIdx.x * (long)blockDim.x + threadIdx.x; c < C;
@@ -204,7 +206,11 @@ extern "C" __global__ void pbn_norm_backward_finalize(
     dgamma[c] = (float)dg;
     dbeta[c] = (float)db;
     for (int row = 0; row < group_rows; ++row) {
-      dgroup[row * C + c] = row == 0 ? (float)dg0 : row == 1 ? (float)dg1 : 0.f;
+      dgroup[row * C + c] = row == 0 ? dg0 : row == 1 ? dg1 : 0.0;
+    }
+    if (grad_rows != nullptr && mode.training) {
+      grad_rows[c] = sdy;
+      grad_rows[C + c] = sdyxc * invstd[c];
     }
     coef[c] = (float)b;
     coef[C + c] = (float)k;
@@ -215,25 +221,25 @@ extern "C" __global__ void pbn_norm_backward_finalize(
 /* sums (3 rows of C) = [s1 + n shift, s2 + 2 shift s1 + n shift^2, n]. */
 extern "C" __global__ void pbn_sums_finalize(const float* __restrict__ partials, int splits,
                                              const float* __restrict__ x, long A, long C, long B,
-                                             float* __restrict__ sums) {
+                                             pbn_sum_t* __restrict__ sums) {
   const long n = A * B;
   for (long c = blockIdx.x * (long)blockDim.x + threadIdx.x; c < C;
        c += (long)gridDim.x * blockDim.x) {
     double s1, s2;
     pbn_combine(partials, splits, C, c, &s1, &s2);
     const double shift = n > 0 ? x[c * B] : 0.0;
-    sums[c] = (float)(s1 + n * shift);
-    sums[C + c] = (float)(s2 + 2.0 * shift * s1 + n * shift * shift);
-    sums[2 * C + c] = (float)n;
+    sums[c] = s1 + n * shift;
+    sums[C + c] = s2 + 2.0 * shift * s1 + n * shift * shift;
+    sums[2 * C + c] = (double)n;
   }
 }
 
 /* out = (x_scale x_coef[c]) x + offset[c] (+ dy_coef[c] dy) over the A * C rows of B
  * elements, grid-stride over units; the channel of a unit is tracked without a division. */
-template <bool kWithDy>
+template <bool kWithDy, typename Coef>
 __device__ __forceinline__ void pbn_affine_rows(
     const float* __restrict__ x, const float* __restrict__ dy, float* __restrict__ out,
-    const float* __restrict__ x_coef, float x_scale, const float* __restrict__ offset,
+    const Coef* __restrict__ x_coef, float x_scale, const Coef* __restrict__ offset,
     const float* __restrict__ dy_coef, long A, long C, long B, int lanes) {
   const long rows = A * C;
   if (rows == 0 || B == 0) return;
@@ -261,9 +267,9 @@ __device__ __forceinline__ void pbn_affine_rows(
     for (int k = 0; k < PBN_ILP; ++k) {
       if (!inside[k]) continue;
       const long ch = channel[k];
-      const float scale = x_scale * x_coef[ch];
-      out[index[k]] = kWithDy ? dy_coef[ch] * gv[k] + scale * xv[k] + offset[ch]
-                              : scale * xv[k] + offset[ch];
+      const float scale = x_scale * (float)x_coef[ch];
+      out[index[k]] = kWithDy ? dy_coef[ch] * gv[k] + scale * xv[k] + (float)offset[ch]
+                              : scale * xv[k] + (float)offset[ch];
     }
   }
 }
@@ -272,7 +278,17 @@ extern "C" __global__ void pbn_affine(const float* __restrict__ x, float* __rest
                                       const float* __restrict__ x_coef, float x_scale,
                                       const float* __restrict__ offset, long A, long C, long B,
                                       int lanes) {
-  pbn_affine_rows<false>(x, nullptr, out, x_coef, x_scale, offset, nullptr, A, C, B, lanes);
+  pbn_affine_rows<false, float>(x, nullptr, out, x_coef, x_scale, offset, nullptr, A, C, B,
+                                lanes);
+}
+
+/* pbn_affine with double coefficients: pbn_batch_sums' backward, dx = dS0 + 2 x dS1 */
+extern "C" __global__ void pbn_sums_affine(const float* __restrict__ x, float* __restrict__ out,
+                                           const pbn_sum_t* __restrict__ x_coef, float x_scale,
+                                           const pbn_sum_t* __restrict__ offset, long A, long C,
+                                           long B, int lanes) {
+  pbn_affine_rows<false, pbn_sum_t>(x, nullptr, out, x_coef, x_scale, offset, nullptr, A, C, B,
+                                    lanes);
 }
 
 extern "C" __global__ void pbn_affine_dy(const float* __restrict__ x,
@@ -281,13 +297,13 @@ extern "C" __global__ void pbn_affine_dy(const float* __restrict__ x,
                                          const float* __restrict__ offset,
                                          const float* __restrict__ dy_coef, long A, long C,
                                          long B, int lanes) {
-  pbn_affine_rows<true>(x, dy, out, x_coef, 1.f, offset, dy_coef, A, C, B, lanes);
+  pbn_affine_rows<true, float>(x, dy, out, x_coef, 1.f, offset, dy_coef, A, C, B, lanes);
 }
 
 /* StatsSync's running-statistics step for every channel of a net: group sums of channel i
  * at stats[gather[i]], stats[gather[T + i]], stats[gather[2T + i]]; also writes T. */
-extern "C" __global__ void pbn_running_update(const float* __restrict__ stats,
-                                              const float* __restrict__ gather,
+extern "C" __global__ void pbn_running_update(const pbn_sum_t* __restrict__ stats,
+                                              const double* __restrict__ gather,
                                               const float* __restrict__ momentum, long T,
                                               float* __restrict__ running_mean,
                                               float* __restrict__ running_var,
@@ -302,12 +318,13 @@ extern "C" __global__ void pbn_running_update(const float* __restrict__ stats,
 }
 
 /* Launch with ONE block of PBN_THREADS threads (K is a net's exchange buffer, small): the
- * block agrees whether every local and group sum is finite, then updates global (if so) and
- * the health record (pbn_math.h). */
-extern "C" __global__ void pbn_accept_sums(const float* __restrict__ local,
-                                           const float* __restrict__ group,
-                                           const float* __restrict__ rate, long K,
-                                           float* __restrict__ global,
+ * block agrees whether every local and group sum is finite, then updates global (if so),
+ * fresh (global, or 0 when not accepted) and the health record (pbn_math.h). */
+extern "C" __global__ void pbn_accept_sums(const pbn_sum_t* __restrict__ local,
+                                           const pbn_sum_t* __restrict__ group,
+                                           const pbn_sum_t* __restrict__ rate, long K,
+                                           pbn_sum_t* __restrict__ global,
+                                           pbn_sum_t* __restrict__ fresh,
                                            float* __restrict__ health,
                                            float* __restrict__ group_ok) {
   int local_ok = 1, ok = 1;
@@ -317,10 +334,9 @@ extern "C" __global__ void pbn_accept_sums(const float* __restrict__ local,
   }
   local_ok = __syncthreads_and(local_ok);
   ok = __syncthreads_and(ok);
-  if (ok) {
-    for (long i = threadIdx.x; i < K; i += blockDim.x) {
-      global[i] = rate[i] * global[i] + (1.f - rate[i]) * group[i];
-    }
+  for (long i = threadIdx.x; i < K; i += blockDim.x) {
+    if (ok) global[i] = rate[i] * global[i] + (1.0 - rate[i]) * group[i];
+    fresh[i] = ok ? global[i] : 0.0;
   }
   if (threadIdx.x == 0) {
     pbn_record_health(local_ok != 0, ok != 0, health);

@@ -16,6 +16,10 @@
  *
  * "sync" mode (SyncBN): w = 0 and G holds the CURRENT step's group sums, whose gradient the
  * graph carries back through the exchange. Inference: mu, var are the running statistics.
+ *
+ * Exchanged sums (a device's batch sums, the group sums, their gradient) are double
+ * (pbn_sum_t): Q - M^2 cancels about log10((|mean| / std)^2) digits, which float32 cannot
+ * spare once |mean| / std passes ~100, and counts stay exact beyond 2^24.
  */
 #ifndef PBN_MATH_H_
 #define PBN_MATH_H_
@@ -26,6 +30,12 @@
 #define PBN_HD inline
 #include <cmath>
 #endif
+
+typedef double pbn_sum_t;
+
+/* The operators' training-mode flag is 0 while training and ~1 in inference (a one-element
+ * BatchNorm of a constant, or SyncBN's exchange operator), so the threshold is 1/2. */
+PBN_HD int pbn_is_training(float is_inference) { return is_inference < 0.5f; }
 
 /* What one forward call is asked to do, read from attributes and one-element inputs. */
 struct PbnMode {
@@ -46,7 +56,7 @@ PBN_HD double pbn_effective_weight(const PbnMode& mode, double w, double group_c
  * g: the group sums (stride gs between rows). Writes mu, r and, while training, the sums the
  * layer keeps in batch_sums: this batch's plain sums (PBN) or the group sums (SyncBN). */
 PBN_HD void pbn_forward_channel(const PbnMode& mode, double shift, double s1, double s2, double n,
-                                const float* g, long gs, double w, double running_mean,
+                                const pbn_sum_t* g, long gs, double w, double running_mean,
                                 double running_var, double* mu, double* r, double* sums) {
   double mean, var;
   if (!mode.training) {
@@ -83,7 +93,7 @@ PBN_HD void pbn_forward_channel(const PbnMode& mode, double shift, double s1, do
 /* Backward, one channel. sdy = sum dy, sdyxc = sum dy (x - mu) over this device's n elements.
  * Gives dx = a dy + b x + c, and the gradients of gamma, beta and the group sums. */
 PBN_HD void pbn_backward_channel(const PbnMode& mode, double sdy, double sdyxc, double n,
-                                 const float* g, long gs, int g_rows, double w, double gamma,
+                                 const pbn_sum_t* g, long gs, int g_rows, double w, double gamma,
                                  double mu, double r, double* a, double* b, double* c,
                                  double* dgamma, double* dbeta, double* dg0, double* dg1) {
   double gam = mode.fix_gamma ? 1.0 : gamma;
@@ -114,10 +124,11 @@ PBN_HD void pbn_backward_channel(const PbnMode& mode, double sdy, double sdyxc, 
 }
 
 /* Running statistics of one channel from group sums [s1, s2, n] (BatchNorm's convention, the
- * biased variance): running = m running + (1 - m) batch statistic. */
+ * biased variance): running = m running + (1 - m) batch statistic. Sums of count 0 (a layer
+ * that did not run, an exchange that was not accepted) leave them as they are. */
 PBN_HD void pbn_running_channel(double s1, double s2, double n, double momentum,
                                 float* running_mean, float* running_var) {
-  n = n > 1.0 ? n : 1.0;
+  if (!(n > 0.0)) return;
   double mean = s1 / n;
   double var = s2 / n - mean * mean;
   var = var > 0.0 ? var : 0.0;

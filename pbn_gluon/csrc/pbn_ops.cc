@@ -8,23 +8,39 @@
  *       batch_sums; SyncBN (local_stats=0) normalises with group_sums alone and keeps them
  *       in batch_sums (for the running statistics).
  *       Its backward is a reduction pass over (dy, data) and an elementwise pass writing dx.
- *   pbn_batch_sums(data) -> (3, C) [sum x, sum x^2, count]
+ *       With a 5-row batch_sums (PBN's progressive backward) the backward also writes this
+ *       device's [sum dy, sum dy xhat] into its rows 3 and 4, as BatchNorm's backward writes
+ *       its moving statistics: the consumer (StatsSync) takes them with an operator that
+ *       mutates the buffer, so the engine orders it after this backward.
+ *       group_sums and batch_sums are double (pbn_math.h: pbn_sum_t); the rest float32.
+ *   pbn_batch_sums(data) -> (3, C) [sum x, sum x^2, count], double
  *       The local sums SyncBN exchanges before normalising; backward dx = dS0 + 2 x dS1.
- *   pbn_running_update(stats, gather, momentum; running_mean, running_var [aux, written]) -> T
+ *   pbn_running_update(gather, momentum; stats, running_mean, running_var [aux, written]) -> T
  *       StatsSync's step for all T channels of a net at once: channel i's group sums are
- *       stats[gather[0, i]], stats[gather[1, i]], stats[gather[2, i]] (BatchNorm's update).
- *   pbn_accept_sums(local, group, rate; global, health [aux, written]) -> (1,) group finite
- *       StatsSync's acceptance of an exchange, one pass over its K sums: when every group sum is
- *       finite, global = rate global + (1 - rate) group; otherwise global is kept. health
- *       (pbn_math.h: pbn_record_health) counts the calls whose local or group sums were not.
+ *       stats[gather[0, i]], stats[gather[1, i]], stats[gather[2, i]] (BatchNorm's update;
+ *       stats and gather double, a channel of count 0 is left as it is). stats is zeroed
+ *       once read: every sum moves the running statistics once.
+ *   pbn_take_sums(; local [aux, written]) -> copy of local
+ *       StatsSync takes a device's batch sums for the exchange and leaves 0 (count 0) behind:
+ *       a layer that does not run in the next step sends nothing. As an operator that
+ *       mutates local, it runs after every backward that writes the progressive rows.
+ *   pbn_accept_sums(local, group, rate; global, fresh, health [aux, written]) -> (1,) ok
+ *       StatsSync's acceptance of an exchange, one pass over its K sums (double): when every
+ *       group sum is finite, global = rate global + (1 - rate) group and fresh = global;
+ *       otherwise global is kept and fresh is 0 (the running statistics do not move). health
+ *       (float32, pbn_math.h: pbn_record_health) counts the calls whose local or group sums
+ *       were not finite.
  *
  * Data is seen as (A, C, B) around the channel axis `axis`. float32 data; sums are
  * accumulated in double around a per-channel shift (the channel's first element), so the
  * variance keeps its precision when |mean| >> std and for large N*H*W.
  *
- * is_inference: a one-element tensor read by the kernel; exactly 1 means inference
- * (Dropout(ones, p=0.5) is 0 or 2 while training and 1 otherwise). The extension API does not
- * give operators MXNet's training flag, so the graph hands it over as data.
+ * is_inference: a one-element tensor read by the kernel, 0 while training and ~1 in inference
+ * (pbn_math.h: pbn_is_training). The extension API does not give operators MXNet's training
+ * flag, so the graph hands it over as data.
+ *
+ * Gradients are written, never added: lib_api.h hands an operator no OpReqType. The layers
+ * put a native identity in front of an input whose gradient is accumulated (grad_req 'add').
  */
 #include <algorithm>
 #include <cmath>
@@ -107,18 +123,46 @@ MXReturnValue sums_parse(const std::unordered_map<std::string, std::string>& att
   return MX_SUCCESS;
 }
 
-MXReturnValue all_float32(const std::unordered_map<std::string, std::string>& attrs,
-                          std::vector<int>* in_types, std::vector<int>* out_types) {
+/* Fills and checks dtypes: `in` and `out` name each input's and output's type, 'f' float32
+ * and 'd' double (pbn_sum_t). */
+MXReturnValue typed(const char* op, const char* in, const char* out,
+                    std::vector<int>* in_types, std::vector<int>* out_types) {
   for (size_t i = 0; i < in_types->size(); ++i) {
-    if (in_types->at(i) == -1) in_types->at(i) = kFloat32;
-    if (in_types->at(i) != kFloat32) {
-      MX_ERROR_MSG << "pbn_gluon operators take float32 tensors only; input " << i
-                   << " has dtype code " << in_types->at(i);
+    int want = in[i] == 'd' ? kFloat64 : kFloat32;
+    if (in_types->at(i) == -1) in_types->at(i) = want;
+    if (in_types->at(i) != want) {
+      MX_ERROR_MSG << op << ": input " << i << " must be " << (in[i] == 'd' ? "float64" : "float32")
+                   << ", got dtype code " << in_types->at(i);
       return MX_FAIL;
     }
   }
-  for (auto& t : *out_types) t = kFloat32;
+  for (size_t i = 0; i < out_types->size(); ++i) out_types->at(i) = out[i] == 'd' ? kFloat64 : kFloat32;
   return MX_SUCCESS;
+}
+
+MXReturnValue norm_types(const std::unordered_map<std::string, std::string>& attrs,
+                         std::vector<int>* in_types, std::vector<int>* out_types) {
+  return typed("pbn_batch_norm", "fffffdffd", "fff", in_types, out_types);
+}
+
+MXReturnValue sums_types(const std::unordered_map<std::string, std::string>& attrs,
+                         std::vector<int>* in_types, std::vector<int>* out_types) {
+  return typed("pbn_batch_sums", "f", "d", in_types, out_types);
+}
+
+MXReturnValue running_types(const std::unordered_map<std::string, std::string>& attrs,
+                            std::vector<int>* in_types, std::vector<int>* out_types) {
+  return typed("pbn_running_update", "dfdff", "f", in_types, out_types);
+}
+
+MXReturnValue accept_types(const std::unordered_map<std::string, std::string>& attrs,
+                           std::vector<int>* in_types, std::vector<int>* out_types) {
+  return typed("pbn_accept_sums", "dddddf", "f", in_types, out_types);
+}
+
+/* Bytes of a tensor's data. */
+size_t nbytes(const MXTensor& t) {
+  return t.size() * (t.dtype == kFloat64 ? sizeof(double) : sizeof(float));
 }
 
 /* MXNet hands an unknown dimension over as -1 (legacy shapes: 0). */
@@ -147,12 +191,14 @@ MXReturnValue norm_shape(const std::unordered_map<std::string, std::string>& att
   }
   auto& group = in->at(kGroupSums);
   if (!known(group)) group = {group.size() == 2 && known({group[0]}) ? group[0] : 3u, c};
-  if (!known(in->at(kBatchSums))) in->at(kBatchSums) = {3 * c};
+  const unsigned rows = group.size() == 2 ? group[0] : 3u;
+  if (!known(in->at(kBatchSums))) in->at(kBatchSums) = {rows * c};
   for (int i = kGamma; i <= kBatchSums; ++i) {
     size_t size = 1;
     for (unsigned d : in->at(i)) size *= d;
-    size_t want = i == kGroupSums ? 0 : (i == kBatchSums ? 3 * c : (i >= kLocalWeight ? 1 : c));
-    bool ok = i == kGroupSums ? (size == 3 * c || size == 5 * c) : size == want;
+    size_t want = i >= kGroupSums && i != kLocalWeight && i != kIsInference
+                      ? static_cast<size_t>(rows) * c : (i >= kLocalWeight ? 1 : c);
+    bool ok = size == want && (i != kGroupSums || rows == 3 || rows == 5);
     if (!ok) {
       MX_ERROR_MSG << "pbn_batch_norm: " << names[i] << " has " << size << " elements, but "
                    << "the data has " << c << " channels on axis " << axis;
@@ -187,7 +233,8 @@ MXReturnValue norm_mutates(const std::unordered_map<std::string, std::string>& a
 /* ---------------------------------------- CPU ------------------------------------------- */
 
 /* Sums of (x - shift) and (x - shift)^2 over one channel: float within short runs (vectorised),
- * double across them. */
+ * double across them; a run whose float sums overflow (|x - shift| beyond ~1e17, finite data)
+ * is summed again in double, so only NaN and Inf in the data give non-finite sums. */
 void channel_sums(const float* x, const PbnLayout& l, long c, double shift, double* s1,
                   double* s2) {
   const long kRun = 1024;
@@ -203,8 +250,16 @@ void channel_sums(const float* x, const PbnLayout& l, long c, double shift, doub
         f1 += d;
         f2 += d * d;
       }
-      a1 += f1;
-      a2 += f2;
+      if (std::isfinite(f1) && std::isfinite(f2)) {
+        a1 += f1;
+        a2 += f2;
+        continue;
+      }
+      for (long b = b0; b < b1; ++b) {
+        double d = static_cast<double>(row[b]) - shift;
+        a1 += d;
+        a2 += d * d;
+      }
     }
   }
   *s1 = a1;
@@ -226,8 +281,16 @@ void channel_grad_sums(const float* dy, const float* x, const PbnLayout& l, long
         f1 += g;
         f2 += g * (x[off + b] - mu);
       }
-      a1 += f1;
-      a2 += f2;
+      if (std::isfinite(f1) && std::isfinite(f2)) {
+        a1 += f1;
+        a2 += f2;
+        continue;
+      }
+      for (long b = b0; b < b1; ++b) {    /* overflowed in float: again in double */
+        double g = dy[off + b];
+        a1 += g;
+        a2 += g * (static_cast<double>(x[off + b]) - mu);
+      }
     }
   }
   *sdy = a1;
@@ -247,20 +310,43 @@ void channel_affine(float* out, const float* x, const float* dy, const PbnLayout
   }
 }
 
+/* Shapes are inferred before a call, but an array bound to a parameter may still disagree
+ * with them (a parameter whose shape was reset and re-inferred, a hand-built graph): check
+ * every per-channel input against the data's channels, so that no kernel reads or writes out
+ * of bounds. */
+bool norm_sizes_ok(const std::vector<MXTensor>& in, const PbnLayout& l) {
+  const size_t c = static_cast<size_t>(l.channels);
+  const size_t rows = in[kGroupSums].size() / std::max<size_t>(c, 1);
+  bool ok = (rows == 3 || rows == 5) && in[kGroupSums].size() == rows * c &&
+            in[kBatchSums].size() == rows * c && in[kLocalWeight].size() == 1 &&
+            in[kIsInference].size() == 1;
+  for (int i = kGamma; i <= kRunningVar; ++i) ok = ok && in[i].size() == c;
+  if (!ok) {
+    MX_ERROR_MSG << "pbn_batch_norm: the data has " << c << " channels but gamma, beta, "
+                 << "running_mean, running_var have " << in[kGamma].size() << ", "
+                 << in[kBeta].size() << ", " << in[kRunningMean].size() << ", "
+                 << in[kRunningVar].size() << " elements and group_sums, batch_sums "
+                 << in[kGroupSums].size() << ", " << in[kBatchSums].size()
+                 << ": a layer's parameters must match its input's channels";
+  }
+  return ok;
+}
+
 MXReturnValue norm_forward_cpu(const std::unordered_map<std::string, std::string>& attrs,
                                std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                                const OpResource& res) {
   MXTensor& data = inputs->at(kData);
   PbnLayout l = data_layout(attrs, data);
+  if (!norm_sizes_ok(*inputs, l)) return MX_FAIL;
   const float* x = data.data<float>();
   const float* gamma = inputs->at(kGamma).data<float>();
   const float* beta = inputs->at(kBeta).data<float>();
   const float* rmean = inputs->at(kRunningMean).data<float>();
   const float* rvar = inputs->at(kRunningVar).data<float>();
-  const float* group = inputs->at(kGroupSums).data<float>();
+  const pbn_sum_t* group = inputs->at(kGroupSums).data<pbn_sum_t>();
   float w = inputs->at(kLocalWeight).data<float>()[0];
-  PbnMode mode = mode_of(attrs, inputs->at(kIsInference).data<float>()[0] != 1.0f);
-  float* batch_sums = inputs->at(kBatchSums).data<float>();
+  PbnMode mode = mode_of(attrs, pbn_is_training(inputs->at(kIsInference).data<float>()[0]));
+  pbn_sum_t* batch_sums = inputs->at(kBatchSums).data<pbn_sum_t>();
   float* y = outputs->at(kOut).data<float>();
   float* mean = outputs->at(kMean).data<float>();
   float* invstd = outputs->at(kInvStd).data<float>();
@@ -276,7 +362,7 @@ MXReturnValue norm_forward_cpu(const std::unordered_map<std::string, std::string
     pbn_forward_channel(mode, shift, s1, s2, static_cast<double>(n_per_channel), group + c,
                         l.channels, w, rmean[c], rvar[c], &mu, &r, sums);
     if (mode.training) {
-      for (int k = 0; k < 3; ++k) batch_sums[k * l.channels + c] = static_cast<float>(sums[k]);
+      for (int k = 0; k < 3; ++k) batch_sums[k * l.channels + c] = sums[k];
     }
     mean[c] = static_cast<float>(mu);
     invstd[c] = static_cast<float>(r);
@@ -301,19 +387,24 @@ MXReturnValue norm_backward_cpu(const std::unordered_map<std::string, std::strin
   const float* x = data.data<float>();
   const float* gamma = inputs->at(kFwdInputs + kGamma).data<float>();
   MXTensor& group_t = inputs->at(kFwdInputs + kGroupSums);
-  const float* group = group_t.data<float>();
+  const pbn_sum_t* group = group_t.data<pbn_sum_t>();
   int group_rows = static_cast<int>(group_t.size() / l.channels);
   float w = inputs->at(kFwdInputs + kLocalWeight).data<float>()[0];
-  PbnMode mode = mode_of(attrs, inputs->at(kFwdInputs + kIsInference).data<float>()[0] != 1.0f);
+  PbnMode mode = mode_of(attrs,
+                         pbn_is_training(inputs->at(kFwdInputs + kIsInference).data<float>()[0]));
   const float* mean = inputs->at(kFwdOutputs + kMean).data<float>();
   const float* invstd = inputs->at(kFwdOutputs + kInvStd).data<float>();
+  /* the progressive backward's rows 3, 4 of batch_sums: [sum dy, sum dy xhat] */
+  MXTensor& batch_t = inputs->at(kFwdInputs + kBatchSums);
+  pbn_sum_t* grad_rows = mode.training && mode.local_stats && batch_t.size() == 5u * l.channels
+                             ? batch_t.data<pbn_sum_t>() + 3 * l.channels : nullptr;
   float* dx = outputs->at(kData).data<float>();
   float* dgamma = outputs->at(kGamma).data<float>();
   float* dbeta = outputs->at(kBeta).data<float>();
-  float* dgroup = outputs->at(kGroupSums).data<float>();
+  pbn_sum_t* dgroup = outputs->at(kGroupSums).data<pbn_sum_t>();
   for (size_t i = kRunningMean; i < outputs->size(); ++i) {   /* rows 0, 1 of dgroup below */
     MXTensor& t = outputs->at(i);
-    std::memset(t.data_ptr, 0, t.size() * sizeof(float));
+    std::memset(t.data_ptr, 0, nbytes(t));
   }
   const double n = static_cast<double>(l.outer * l.inner);
 
@@ -325,8 +416,12 @@ MXReturnValue norm_backward_cpu(const std::unordered_map<std::string, std::strin
                          mean[c], invstd[c], &a, &b, &k, &dg, &db, &dg0, &dg1);
     dgamma[c] = static_cast<float>(dg);
     dbeta[c] = static_cast<float>(db);
-    dgroup[c] = static_cast<float>(dg0);
-    dgroup[l.channels + c] = static_cast<float>(dg1);
+    dgroup[c] = dg0;
+    dgroup[l.channels + c] = dg1;
+    if (grad_rows) {
+      grad_rows[c] = sdy;
+      grad_rows[l.channels + c] = sdyxc * invstd[c];
+    }
     channel_affine(dx, x, dy, l, c, static_cast<float>(b), static_cast<float>(k),
                    static_cast<float>(a));
   }
@@ -339,15 +434,15 @@ MXReturnValue sums_forward_cpu(const std::unordered_map<std::string, std::string
   MXTensor& data = inputs->at(0);
   PbnLayout l = data_layout(attrs, data);
   const float* x = data.data<float>();
-  float* sums = outputs->at(0).data<float>();
+  pbn_sum_t* sums = outputs->at(0).data<pbn_sum_t>();
   const long n = l.outer * l.inner;
 #pragma omp parallel for schedule(static)
   for (long c = 0; c < l.channels; ++c) {
     double shift = n > 0 ? x[c * l.inner] : 0.0, s1 = 0.0, s2 = 0.0;
     if (n > 0) channel_sums(x, l, c, shift, &s1, &s2);
-    sums[c] = static_cast<float>(s1 + n * shift);
-    sums[l.channels + c] = static_cast<float>(s2 + 2.0 * shift * s1 + n * shift * shift);
-    sums[2 * l.channels + c] = static_cast<float>(n);
+    sums[c] = s1 + n * shift;
+    sums[l.channels + c] = s2 + 2.0 * shift * s1 + n * shift * shift;
+    sums[2 * l.channels + c] = static_cast<double>(n);
   }
   return MX_SUCCESS;
 }
@@ -355,19 +450,20 @@ MXReturnValue sums_forward_cpu(const std::unordered_map<std::string, std::string
 MXReturnValue sums_backward_cpu(const std::unordered_map<std::string, std::string>& attrs,
                                 std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                                 const OpResource& res) {
-  const float* dsums = inputs->at(0).data<float>();
+  const pbn_sum_t* dsums = inputs->at(0).data<pbn_sum_t>();
   MXTensor& data = inputs->at(1);
   PbnLayout l = data_layout(attrs, data);
   float* dx = outputs->at(0).data<float>();
 #pragma omp parallel for schedule(static)
   for (long c = 0; c < l.channels; ++c) {
-    channel_affine(dx, data.data<float>(), nullptr, l, c, 2.f * dsums[l.channels + c],
-                   dsums[c], 0.f);
+    channel_affine(dx, data.data<float>(), nullptr, l, c,
+                   static_cast<float>(2.0 * dsums[l.channels + c]),
+                   static_cast<float>(dsums[c]), 0.f);
   }
   return MX_SUCCESS;
 }
 
-enum RunningInput { kStats, kGather, kMomentum, kRunningMeanAll, kRunningVarAll,
+enum RunningInput { kGather, kMomentum, kStats, kRunningMeanAll, kRunningVarAll,
                     kNumRunningInputs };
 
 MXReturnValue running_parse(const std::unordered_map<std::string, std::string>& attrs,
@@ -395,6 +491,7 @@ MXReturnValue running_shape(const std::unordered_map<std::string, std::string>& 
 
 MXReturnValue running_mutates(const std::unordered_map<std::string, std::string>& attrs,
                               std::vector<int>* indices) {
+  indices->push_back(kStats);
   indices->push_back(kRunningMeanAll);
   indices->push_back(kRunningVarAll);
   return MX_SUCCESS;
@@ -403,23 +500,66 @@ MXReturnValue running_mutates(const std::unordered_map<std::string, std::string>
 MXReturnValue running_update_cpu(const std::unordered_map<std::string, std::string>& attrs,
                                  std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                                  const OpResource& res) {
-  const float* stats = inputs->at(kStats).data<float>();
-  const float* gather = inputs->at(kGather).data<float>();
+  pbn_sum_t* stats = inputs->at(kStats).data<pbn_sum_t>();
+  const double* gather = inputs->at(kGather).data<double>();
   const float* momentum = inputs->at(kMomentum).data<float>();
   float* running_mean = inputs->at(kRunningMeanAll).data<float>();
   float* running_var = inputs->at(kRunningVarAll).data<float>();
   const long t = static_cast<long>(inputs->at(kMomentum).size());
+  const double size = static_cast<double>(inputs->at(kStats).size());
+  for (long i = 0; i < 3 * t; ++i) {
+    if (!(gather[i] >= 0.0 && gather[i] < size)) {
+      MX_ERROR_MSG << "pbn_running_update: gather index " << gather[i] << " outside the "
+                   << size << " sums";
+      return MX_FAIL;
+    }
+  }
   for (long i = 0; i < t; ++i) {
     pbn_running_channel(stats[static_cast<long>(gather[i])],
                         stats[static_cast<long>(gather[t + i])],
                         stats[static_cast<long>(gather[2 * t + i])], momentum[i],
                         running_mean + i, running_var + i);
   }
+  std::memset(stats, 0, nbytes(inputs->at(kStats)));
   outputs->at(0).data<float>()[0] = static_cast<float>(t);
   return MX_SUCCESS;
 }
 
-enum AcceptInput { kLocal, kGroup, kRate, kGlobal, kHealth, kNumAcceptInputs };
+MXReturnValue take_parse(const std::unordered_map<std::string, std::string>& attrs,
+                         int* num_in, int* num_out) {
+  *num_in = 1;
+  *num_out = 1;
+  return MX_SUCCESS;
+}
+
+MXReturnValue take_types(const std::unordered_map<std::string, std::string>& attrs,
+                         std::vector<int>* in_types, std::vector<int>* out_types) {
+  return typed("pbn_take_sums", "d", "d", in_types, out_types);
+}
+
+MXReturnValue take_shape(const std::unordered_map<std::string, std::string>& attrs,
+                         std::vector<std::vector<unsigned int>>* in,
+                         std::vector<std::vector<unsigned int>>* out) {
+  out->assign(1, in->at(0));
+  return MX_SUCCESS;
+}
+
+MXReturnValue take_mutates(const std::unordered_map<std::string, std::string>& attrs,
+                           std::vector<int>* indices) {
+  indices->push_back(0);
+  return MX_SUCCESS;
+}
+
+MXReturnValue take_sums_cpu(const std::unordered_map<std::string, std::string>& attrs,
+                            std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
+                            const OpResource& res) {
+  MXTensor& local = inputs->at(0);
+  std::memcpy(outputs->at(0).data_ptr, local.data_ptr, nbytes(local));
+  std::memset(local.data_ptr, 0, nbytes(local));
+  return MX_SUCCESS;
+}
+
+enum AcceptInput { kLocal, kGroup, kRate, kGlobal, kFresh, kHealth, kNumAcceptInputs };
 
 MXReturnValue accept_parse(const std::unordered_map<std::string, std::string>& attrs,
                            int* num_in, int* num_out) {
@@ -433,9 +573,11 @@ MXReturnValue accept_shape(const std::unordered_map<std::string, std::string>& a
                            std::vector<std::vector<unsigned int>>* out) {
   const std::vector<unsigned int>& k = in->at(kLocal);
   bool ok = k.size() == 1 && in->at(kGroup) == k && in->at(kRate) == k &&
-            in->at(kGlobal) == k && in->at(kHealth) == std::vector<unsigned int>{5u};
+            in->at(kGlobal) == k && in->at(kFresh) == k &&
+            in->at(kHealth) == std::vector<unsigned int>{5u};
   if (!ok) {
-    MX_ERROR_MSG << "pbn_accept_sums: local, group, rate and global must be (K,), health (5,)";
+    MX_ERROR_MSG << "pbn_accept_sums: local, group, rate, global and fresh must be (K,), "
+                 << "health (5,)";
     return MX_FAIL;
   }
   out->assign(1, {1u});
@@ -445,11 +587,12 @@ MXReturnValue accept_shape(const std::unordered_map<std::string, std::string>& a
 MXReturnValue accept_mutates(const std::unordered_map<std::string, std::string>& attrs,
                              std::vector<int>* indices) {
   indices->push_back(kGlobal);
+  indices->push_back(kFresh);
   indices->push_back(kHealth);
   return MX_SUCCESS;
 }
 
-bool all_finite(const float* p, long n) {
+bool all_finite(const pbn_sum_t* p, long n) {
   bool ok = true;
   for (long i = 0; i < n; ++i) ok &= std::isfinite(p[i]);
   return ok;
@@ -459,14 +602,16 @@ MXReturnValue accept_sums_cpu(const std::unordered_map<std::string, std::string>
                               std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                               const OpResource& res) {
   const long k = static_cast<long>(inputs->at(kLocal).size());
-  const float* group = inputs->at(kGroup).data<float>();
-  const float* rate = inputs->at(kRate).data<float>();
-  float* global = inputs->at(kGlobal).data<float>();
+  const pbn_sum_t* group = inputs->at(kGroup).data<pbn_sum_t>();
+  const pbn_sum_t* rate = inputs->at(kRate).data<pbn_sum_t>();
+  pbn_sum_t* global = inputs->at(kGlobal).data<pbn_sum_t>();
+  pbn_sum_t* fresh = inputs->at(kFresh).data<pbn_sum_t>();
   bool group_ok = all_finite(group, k);
-  if (group_ok) {
-    for (long i = 0; i < k; ++i) global[i] = rate[i] * global[i] + (1.f - rate[i]) * group[i];
+  for (long i = 0; i < k; ++i) {
+    if (group_ok) global[i] = rate[i] * global[i] + (1.0 - rate[i]) * group[i];
+    fresh[i] = group_ok ? global[i] : 0.0;
   }
-  pbn_record_health(all_finite(inputs->at(kLocal).data<float>(), k), group_ok,
+  pbn_record_health(all_finite(inputs->at(kLocal).data<pbn_sum_t>(), k), group_ok,
                     inputs->at(kHealth).data<float>());
   outputs->at(0).data<float>()[0] = group_ok ? 1.f : 0.f;
   return MX_SUCCESS;
@@ -480,13 +625,14 @@ MXReturnValue norm_forward_gpu(const std::unordered_map<std::string, std::string
                                const OpResource& res) {
   MXTensor& data = inputs->at(kData);
   PbnLayout l = data_layout(attrs, data);
+  if (!norm_sizes_ok(*inputs, l)) return MX_FAIL;
   PbnMode mode = mode_of(attrs, true);  /* the kernel reads is_inference on the device */
   return pbn_norm_forward_cuda(
       l, mode, data.data<float>(), inputs->at(kGamma).data<float>(),
       inputs->at(kBeta).data<float>(), inputs->at(kRunningMean).data<float>(),
-      inputs->at(kRunningVar).data<float>(), inputs->at(kGroupSums).data<float>(),
+      inputs->at(kRunningVar).data<float>(), inputs->at(kGroupSums).data<pbn_sum_t>(),
       inputs->at(kLocalWeight).data<float>(), inputs->at(kIsInference).data<float>(),
-      inputs->at(kBatchSums).data<float>(), outputs->at(kOut).data<float>(),
+      inputs->at(kBatchSums).data<pbn_sum_t>(), outputs->at(kOut).data<float>(),
       outputs->at(kMean).data<float>(), outputs->at(kInvStd).data<float>(), res)
       ? MX_SUCCESS : MX_FAIL;
 }
@@ -498,22 +644,26 @@ MXReturnValue norm_backward_gpu(const std::unordered_map<std::string, std::strin
   PbnLayout l = data_layout(attrs, data);
   PbnMode mode = mode_of(attrs, true);
   MXTensor& group = inputs->at(kFwdInputs + kGroupSums);
+  MXTensor& batch = inputs->at(kFwdInputs + kBatchSums);
   for (int i = kRunningMean; i < static_cast<int>(outputs->size()); ++i) {
-    if (i != kGroupSums && !pbn_zero_cuda(outputs->at(i).data<float>(),
-                                          static_cast<long>(outputs->at(i).size()), res)) {
+    if (i != kGroupSums && !pbn_zero_cuda(outputs->at(i).data_ptr, nbytes(outputs->at(i)), res)) {
       return MX_FAIL;
     }
   }
+  /* rows 3, 4 of a 5-row batch_sums (progressive backward; the kernel writes them only while
+   * training with local statistics) */
+  pbn_sum_t* grad_rows = mode.local_stats && batch.size() == 5u * l.channels
+                             ? batch.data<pbn_sum_t>() + 3 * l.channels : nullptr;
   return pbn_norm_backward_cuda(
       l, mode, inputs->at(kGradOut).data<float>(), data.data<float>(),
-      inputs->at(kFwdInputs + kGamma).data<float>(), group.data<float>(),
+      inputs->at(kFwdInputs + kGamma).data<float>(), group.data<pbn_sum_t>(),
       static_cast<int>(group.size() / l.channels),
       inputs->at(kFwdInputs + kLocalWeight).data<float>(),
       inputs->at(kFwdInputs + kIsInference).data<float>(),
       inputs->at(kFwdOutputs + kMean).data<float>(),
       inputs->at(kFwdOutputs + kInvStd).data<float>(), outputs->at(kData).data<float>(),
       outputs->at(kGamma).data<float>(), outputs->at(kBeta).data<float>(),
-      outputs->at(kGroupSums).data<float>(), res) ? MX_SUCCESS : MX_FAIL;
+      outputs->at(kGroupSums).data<pbn_sum_t>(), grad_rows, res) ? MX_SUCCESS : MX_FAIL;
 }
 
 MXReturnValue sums_forward_gpu(const std::unordered_map<std::string, std::string>& attrs,
@@ -521,7 +671,7 @@ MXReturnValue sums_forward_gpu(const std::unordered_map<std::string, std::string
                                const OpResource& res) {
   MXTensor& data = inputs->at(0);
   PbnLayout l = data_layout(attrs, data);
-  return pbn_sums_forward_cuda(l, data.data<float>(), outputs->at(0).data<float>(), res)
+  return pbn_sums_forward_cuda(l, data.data<float>(), outputs->at(0).data<pbn_sum_t>(), res)
       ? MX_SUCCESS : MX_FAIL;
 }
 
@@ -530,7 +680,7 @@ MXReturnValue sums_backward_gpu(const std::unordered_map<std::string, std::strin
                                 const OpResource& res) {
   MXTensor& data = inputs->at(1);
   PbnLayout l = data_layout(attrs, data);
-  return pbn_sums_backward_cuda(l, inputs->at(0).data<float>(), data.data<float>(),
+  return pbn_sums_backward_cuda(l, inputs->at(0).data<pbn_sum_t>(), data.data<float>(),
                                 outputs->at(0).data<float>(), res) ? MX_SUCCESS : MX_FAIL;
 }
 
@@ -538,20 +688,30 @@ MXReturnValue running_update_gpu(const std::unordered_map<std::string, std::stri
                                  std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                                  const OpResource& res) {
   return pbn_running_update_cuda(
-      inputs->at(kStats).data<float>(), inputs->at(kGather).data<float>(),
+      inputs->at(kStats).data<pbn_sum_t>(), inputs->at(kGather).data<double>(),
       inputs->at(kMomentum).data<float>(), static_cast<long>(inputs->at(kMomentum).size()),
       inputs->at(kRunningMeanAll).data<float>(), inputs->at(kRunningVarAll).data<float>(),
-      outputs->at(0).data<float>(), res)
+      outputs->at(0).data<float>(), res) &&
+      pbn_zero_cuda(inputs->at(kStats).data_ptr, nbytes(inputs->at(kStats)), res)
       ? MX_SUCCESS : MX_FAIL;
+}
+
+MXReturnValue take_sums_gpu(const std::unordered_map<std::string, std::string>& attrs,
+                            std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
+                            const OpResource& res) {
+  MXTensor& local = inputs->at(0);
+  return pbn_copy_cuda(outputs->at(0).data_ptr, local.data_ptr, nbytes(local), res) &&
+      pbn_zero_cuda(local.data_ptr, nbytes(local), res) ? MX_SUCCESS : MX_FAIL;
 }
 
 MXReturnValue accept_sums_gpu(const std::unordered_map<std::string, std::string>& attrs,
                               std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                               const OpResource& res) {
   return pbn_accept_sums_cuda(
-      inputs->at(kLocal).data<float>(), inputs->at(kGroup).data<float>(),
-      inputs->at(kRate).data<float>(), static_cast<long>(inputs->at(kLocal).size()),
-      inputs->at(kGlobal).data<float>(), inputs->at(kHealth).data<float>(),
+      inputs->at(kLocal).data<pbn_sum_t>(), inputs->at(kGroup).data<pbn_sum_t>(),
+      inputs->at(kRate).data<pbn_sum_t>(), static_cast<long>(inputs->at(kLocal).size()),
+      inputs->at(kGlobal).data<pbn_sum_t>(), inputs->at(kFresh).data<pbn_sum_t>(),
+      inputs->at(kHealth).data<float>(),
       outputs->at(0).data<float>(), res)
       ? MX_SUCCESS : MX_FAIL;
 }
@@ -561,7 +721,7 @@ MXReturnValue accept_sums_gpu(const std::unordered_map<std::string, std::string>
 
 REGISTER_OP(pbn_batch_norm)
     .setParseAttrs(norm_parse)
-    .setInferType(all_float32)
+    .setInferType(norm_types)
     .setInferShape(norm_shape)
     .setMutateInputs(norm_mutates)
     .setForward(norm_forward_cpu, "cpu")
@@ -574,7 +734,7 @@ REGISTER_OP(pbn_batch_norm)
 
 REGISTER_OP(pbn_batch_sums)
     .setParseAttrs(sums_parse)
-    .setInferType(all_float32)
+    .setInferType(sums_types)
     .setInferShape(sums_shape)
     .setForward(sums_forward_cpu, "cpu")
     .setBackward(sums_backward_cpu, "cpu")
@@ -586,7 +746,7 @@ REGISTER_OP(pbn_batch_sums)
 
 REGISTER_OP(pbn_running_update)
     .setParseAttrs(running_parse)
-    .setInferType(all_float32)
+    .setInferType(running_types)
     .setInferShape(running_shape)
     .setMutateInputs(running_mutates)
     .setForward(running_update_cpu, "cpu")
@@ -595,9 +755,20 @@ REGISTER_OP(pbn_running_update)
 #endif
     ;
 
+REGISTER_OP(pbn_take_sums)
+    .setParseAttrs(take_parse)
+    .setInferType(take_types)
+    .setInferShape(take_shape)
+    .setMutateInputs(take_mutates)
+    .setForward(take_sums_cpu, "cpu")
+#ifdef PBN_WITH_CUDA
+    .setForward(take_sums_gpu, "gpu")
+#endif
+    ;
+
 REGISTER_OP(pbn_accept_sums)
     .setParseAttrs(accept_parse)
-    .setInferType(all_float32)
+    .setInferType(accept_types)
     .setInferShape(accept_shape)
     .setMutateInputs(accept_mutates)
     .setForward(accept_sums_cpu, "cpu")

@@ -43,7 +43,8 @@ def gather_sync_state(sync, comm):
     """StatsSync state and running statistics of every device of the job: (step, size of the
     exchange state, one row per global rank). Every process of the job must call it."""
     state = sync.state_dict()
-    local = [nd.concat(nd.array(s, ctx=c), *[p.data(c) for p in _running_stats(sync)], dim=0)
+    local = [nd.array(np.concatenate([s] + [p.data(c).asnumpy() for p in _running_stats(sync)]),
+                      ctx=c, dtype='float64')
              for s, c in zip(state['stats'], comm.contexts)]
     rows = comm.allgather(local, GATHER_TAG)[0].asnumpy()
     return state['step'], len(state['stats'][0]), rows
