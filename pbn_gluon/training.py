@@ -9,9 +9,8 @@ def train_step(net, loss_fn, data, labels, trainer, batch_size, sync=None):
 
     All forwards are recorded before any value is read (SyncBatchNorm's devices meet in the
     engine); ``sync.step()`` comes before ``trainer.step``, so that its exchange overlaps the
-    gradients' and ``backward='progressive'`` reads this step's local gradients. `data` and
-    `labels` hold one batch per device; ``loss_fn(net(x), y)``. Returns the per-device losses
-    without waiting for them."""
+    gradients' (either order trains alike). `data` and `labels` hold one batch per device;
+    ``loss_fn(net(x), y)``. Returns the per-device losses without waiting for them."""
     with autograd.record():
         losses = [loss_fn(net(x), y) for x, y in zip(data, labels)]
     autograd.backward(losses)

@@ -386,7 +386,7 @@ def test_dropout_after_pbn_draws_what_it_draws_after_batchnorm(hybridize):
 def test_reinferred_channels_never_write_out_of_bounds():
     """A layer whose gamma/beta/running statistics lost their shape (as GluonCV's
     prune_gluon_block does) and then sees another channel count: BatchNorm's behaviour (it
-    re-infers and runs) or a clear error, never an abort. In a subprocess, under glibc's
+    re-infers and runs, the exchange state following), never an abort. In a subprocess, under glibc's
     MALLOC_CHECK_=3, so that heap corruption fails this test instead of the suite."""
     script = textwrap.dedent('''
         import mxnet as mx, numpy as np, pbn_gluon
@@ -417,5 +417,4 @@ def test_reinferred_channels_never_write_out_of_bounds():
                          env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     out = run.stdout.strip().splitlines()[-1]
-    assert out.startswith('RAN (8,) (24,)') or ('channels' in out and out.startswith('ERROR')), \
-        out
+    assert out.startswith('RAN (8,) (24,)'), out     # BatchNorm's behaviour, state included
