@@ -4,17 +4,22 @@ A model (``--model convnet``: Conv2D 3x3 + norm + ReLU blocks and a Dense head; 
 deeplab``: GluonCV's DeepLabV3-ResNet50 on small crops) is trained for a few steps with each
 norm layer, on 1..8 CPU contexts of one process ("local" backend), on Horovod/Gloo processes
 ("horovod", one device each, through horovodrun) and on KVStore dist_sync workers ("kvstore",
-through python -m pbn_gluon.launch). Every configuration runs ``--repeats`` times, each in its
-own subprocess under a time limit, so a stall shows up as "timeout" in the table.
+through python -m pbn_gluon.launch). Every (backend, devices) configuration runs ``--repeats``
+times, each in its own subprocess under a time limit, so a stall shows up as "timeout" in the
+table. Within a run the norms are INTERLEAVED: one net per norm, from the same weights, and each
+timed round steps every norm once, in an order that rotates from round to round, so load that
+comes and goes on a shared machine lands on every norm alike.
 
     python scripts/bench_norm.py --quick                         # ~2 min: devices 1, 2
     python scripts/bench_norm.py --json results/bench_norm.json  # the full grid
     python scripts/bench_norm.py --model deeplab --devices 1,2 --backends local,horovod,kvstore \
         --repeats 3 --json results/bench_deeplab.json --plot results/bench_deeplab.png
 
-Reported per configuration: the median step time (seconds, each step ends with waitall; the
-median over repeats of each run's median), its ratio to BatchNorm on the same backend and
-devices, and the exchanges per step counted by pbn_gluon.CountingComm over the timed steps.
+Reported per norm and configuration: the median step time (seconds, each step ends with
+waitall, over the rounds of all repeats), its ratio to BatchNorm as the median of the per-round
+ratios (the same round's BatchNorm step) with a bootstrap 90% interval, and the exchanges per
+step counted by pbn_gluon.CountingComm over the timed steps. A ratio whose interval holds 1 is
+flagged: the run cannot tell that norm from BatchNorm.
 """
 import argparse
 import json
@@ -63,7 +68,7 @@ def parse_args(argv=None):
     # internal: one configuration, run by a subprocess of this script
     parser.add_argument('--worker', choices=BACKENDS, default=None,
                         help=argparse.SUPPRESS)
-    parser.add_argument('--norm', choices=NORMS, default='bn', help=argparse.SUPPRESS)
+    parser.add_argument('--worker-norms', default='bn', help=argparse.SUPPRESS)
     parser.add_argument('--num-devices', type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument('--result', type=str, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -121,56 +126,66 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
+def _job(args):
+    """(rank, size, contexts, communicator, kvstore for the Trainers) of this worker."""
+    import mxnet as mx
+    import pbn_gluon
+    if args.worker == 'horovod':
+        comm = pbn_gluon.HorovodComm(mx.cpu())
+        return comm.rank_offset, comm.size, comm.contexts, comm, None
+    if args.worker == 'kvstore':
+        comm = pbn_gluon.KVStoreComm(mx.kv.create('dist_sync'), [mx.cpu()])
+        return comm.rank_offset, comm.size, comm.contexts, comm, comm.kvstore
+    ctxs = [mx.cpu(i) for i in range(args.num_devices)]
+    return 0, len(ctxs), ctxs, pbn_gluon.LocalComm(ctxs), 'device'
+
+
+def _setup(norm, args, ctxs, comm, kvstore):
+    """One norm's net (the same initial weights for every norm), Trainer and StatsSync."""
+    import mxnet as mx
+    from mxnet import gluon
+    import pbn_gluon
+    from pbn_gluon.segmentation.norms import get_norm_layer
+
+    mx.random.seed(0)
+    net = build_net(get_norm_layer(norm, ctxs, in_process=args.worker == 'local'), args)
+    net.initialize(mx.init.Xavier(), ctx=ctxs)
+    net.collect_params().reset_ctx(ctxs)    # DeepLab initialises its head on cpu(0) itself
+    net.hybridize(static_alloc=True)
+    optimizer_params = {'learning_rate': 0.01, 'momentum': 0.9}
+    if args.worker == 'horovod':
+        import horovod.mxnet as hvd
+        # one net per norm in this process: Horovod's tensor names must differ
+        hvd.broadcast_parameters(net.collect_params(), root_rank=0, prefix=norm + '.')
+        trainer = hvd.DistributedTrainer(net.collect_params(), 'sgd', optimizer_params,
+                                         prefix=norm + '.')
+    else:   # KVStoreComm's keys sit beside the Trainer's: no server-side optimizer
+        trainer = gluon.Trainer(net.collect_params(), 'sgd', optimizer_params, kvstore=kvstore,
+                                update_on_kvstore=False if args.worker == 'kvstore' else None)
+    if args.model == 'deeplab' and norm == 'syncbn' and comm.needs_prepare:
+        # SyncBN over dist_sync declares its exchanges by channel count: shapes from the graph
+        net.infer_shape(mx.nd.zeros((1, 3, args.image_size, args.image_size), ctx=ctxs[0]))
+    counting = pbn_gluon.CountingComm(comm)     # exchanges per step: observed, not assumed
+    sync = pbn_gluon.StatsSync(net, counting) if norm != 'bn' else None
+    return dict(net=net, trainer=trainer, sync=sync, comm=counting, times=[],
+                layers=len(pbn_gluon.find_norm_layers(net)) if sync is not None else None)
+
+
 def run_worker(args):
     import mxnet as mx
     import numpy as np
     from mxnet import gluon
     import pbn_gluon
 
-    mx.random.seed(0)
     np.random.seed(0)
-    kvstore = 'device'
-    if args.worker == 'horovod':
-        import horovod.mxnet as hvd
-        hvd.init()
-        rank, size = hvd.rank(), hvd.size()
-        ctxs = [mx.cpu()]
-        comm = pbn_gluon.HorovodComm(ctxs[0])
-    elif args.worker == 'kvstore':
-        kvstore = mx.kv.create('dist_sync')
-        rank, size = kvstore.rank, kvstore.num_workers
-        ctxs = [mx.cpu()]
-        comm = pbn_gluon.KVStoreComm(kvstore, ctxs)
-    else:
-        rank, size = 0, args.num_devices
-        ctxs = [mx.cpu(i) for i in range(args.num_devices)]
-        comm = pbn_gluon.LocalComm(ctxs)
-
-    from pbn_gluon.segmentation.norms import get_norm_layer
-    net = build_net(get_norm_layer(args.norm, ctxs, in_process=args.worker == 'local'), args)
-    net.initialize(mx.init.Xavier(), ctx=ctxs)
-    net.collect_params().reset_ctx(ctxs)    # DeepLab initialises its head on cpu(0) itself
-    net.hybridize(static_alloc=True)
-    optimizer_params = {'learning_rate': 0.01, 'momentum': 0.9}
-    if args.worker == 'horovod':
-        hvd.broadcast_parameters(net.collect_params(), root_rank=0)
-        trainer = hvd.DistributedTrainer(net.collect_params(), 'sgd', optimizer_params)
-    else:   # KVStoreComm's keys sit beside the Trainer's: no server-side optimizer
-        trainer = gluon.Trainer(net.collect_params(), 'sgd', optimizer_params, kvstore=kvstore,
-                                update_on_kvstore=False if args.worker == 'kvstore' else None)
-    if args.model == 'deeplab' and args.norm == 'syncbn' and comm.needs_prepare:
-        # SyncBN over dist_sync declares its exchanges by channel count: shapes from the graph
-        net.infer_shape(mx.nd.zeros((1, 3, args.image_size, args.image_size), ctx=ctxs[0]))
-    comm = pbn_gluon.CountingComm(comm)     # the exchanges per step are observed, not assumed
-    sync = pbn_gluon.StatsSync(net, comm) if args.norm != 'bn' else None
-
-    layers = len(pbn_gluon.find_norm_layers(net)) if sync is not None else None
-    record = {'norm': args.norm, 'backend': args.worker, 'devices': size, 'model': args.model,
-              'blocking_exchanges_per_step': None, 'nonblocking_exchanges_per_step': None,
-              'norm_layers': layers, 'steps': 0, 'warmup': args.warmup,
-              'step_s': None, 'status': 'started'}
+    rank, size, ctxs, comm, kvstore = _job(args)
+    norms = args.worker_norms.split(',')
+    runs = {norm: _setup(norm, args, ctxs, comm, kvstore) for norm in norms}
+    records = [{'norm': norm, 'backend': args.worker, 'devices': size, 'model': args.model,
+                'norm_layers': runs[norm]['layers'], 'steps': 0, 'warmup': args.warmup,
+                'step_s': None, 'status': 'started'} for norm in norms]
     if rank == 0 and args.result:   # known before timing: kept even if the run stalls
-        write_json(args.result, record)
+        write_json(args.result, records)
 
     shape = (args.batch_size, 3, args.image_size, args.image_size)
     data = [mx.nd.array(np.random.normal(size=shape), ctx=c) for c in ctxs]
@@ -183,30 +198,39 @@ def run_worker(args):
         label_shape = (args.batch_size,)
     labels = [mx.nd.array(np.random.randint(0, args.classes, label_shape), ctx=c) for c in ctxs]
 
-    times = []
-    for i in range(args.warmup + args.steps):
-        if i == args.warmup:
-            comm.counts.clear()
+    def step(run):
         tic = time.perf_counter()
-        losses = pbn_gluon.train_step(net, loss_fn, data, labels, trainer,
-                                      args.batch_size * len(ctxs), sync)
+        losses = pbn_gluon.train_step(run['net'], loss_fn, data, labels, run['trainer'],
+                                      args.batch_size * len(ctxs), run['sync'])
         mx.nd.waitall()
-        if sync is not None:
-            comm.check()    # raises if a device never reached an exchange
-        times.append(time.perf_counter() - tic)
-    first_step_s, times = times[0], times[args.warmup:]
-    loss = float(sum(l.mean().asscalar() for l in losses) / len(losses))
-    if not np.isfinite(loss):
-        raise RuntimeError('loss is %r' % loss)
+        if run['sync'] is not None:
+            run['comm'].check()     # raises if a device never reached an exchange
+        run['loss'] = losses
+        return time.perf_counter() - tic
 
-    record.update(blocking_exchanges_per_step=round(comm.counts['blocking'] / len(times), 3),
-                  nonblocking_exchanges_per_step=comm.counts['non_blocking'] / len(times),
-                  step_s=float(np.median(times)), step_s_mean=float(np.mean(times)),
-                  step_s_min=float(np.min(times)), step_s_max=float(np.max(times)),
-                  first_step_s=first_step_s, steps=len(times), status='ok', loss=loss)
+    for norm in norms:
+        for _ in range(args.warmup):
+            step(runs[norm])
+        runs[norm]['comm'].counts.clear()
+    for i in range(args.steps):     # rounds; the order rotates so no norm always goes first
+        for norm in norms[i % len(norms):] + norms[:i % len(norms)]:
+            runs[norm]['times'].append(step(runs[norm]))
+
+    for record, norm in zip(records, norms):
+        run, times = runs[norm], runs[norm]['times']
+        loss = float(sum(l.mean().asscalar() for l in run['loss']) / len(run['loss']))
+        if not np.isfinite(loss):
+            raise RuntimeError('%s: loss is %r' % (norm, loss))
+        record.update(blocking_exchanges_per_step=round(run['comm'].counts['blocking']
+                                                        / len(times), 3),
+                      nonblocking_exchanges_per_step=run['comm'].counts['non_blocking']
+                      / len(times),
+                      step_s=float(np.median(times)), step_s_rounds=times, steps=len(times),
+                      status='ok', loss=loss)
     if rank == 0 and args.result:
-        write_json(args.result, record)
+        write_json(args.result, records)
     if args.worker == 'horovod':
+        import horovod.mxnet as hvd
         hvd.shutdown()
     mx.nd.waitall()
 
@@ -215,8 +239,8 @@ def run_worker(args):
 # parent: run every configuration in a subprocess under a time limit
 # ----------------------------------------------------------------------------------------------
 
-def worker_command(args, backend, norm, devices, result):
-    cmd = [sys.executable, HERE, '--worker', backend, '--norm', norm,
+def worker_command(args, backend, norms, devices, result):
+    cmd = [sys.executable, HERE, '--worker', backend, '--worker-norms', ','.join(norms),
            '--num-devices', str(devices), '--result', result,
            '--steps', str(args.steps), '--warmup', str(args.warmup),
            '--batch-size', str(args.batch_size), '--image-size', str(args.image_size),
@@ -229,55 +253,69 @@ def worker_command(args, backend, norm, devices, result):
     return cmd
 
 
-def run_config(args, backend, norm, devices):
-    """Run one configuration; returns its record (step_s None when it failed or timed out)."""
-    record = {'norm': norm, 'backend': backend, 'devices': devices, 'step_s': None,
-              'blocking_exchanges_per_step': None, 'nonblocking_exchanges_per_step': None,
-              'steps': 0, 'status': 'failed'}
+def run_config(args, backend, norms, devices):
+    """Run one configuration, every norm interleaved in one job; returns a record per norm
+    (step_s None when the run failed or timed out)."""
+    records = [{'norm': norm, 'backend': backend, 'devices': devices, 'step_s': None,
+                'blocking_exchanges_per_step': None, 'nonblocking_exchanges_per_step': None,
+                'steps': 0, 'status': 'failed'} for norm in norms]
     fd, result = tempfile.mkstemp(prefix='bench_norm_', suffix='.json')
     os.close(fd)
     os.remove(result)
     env = jobs.worker_env(backend, devices, args.timeout)
     try:
-        run = jobs.run(worker_command(args, backend, norm, devices, result), env=env,
+        run = jobs.run(worker_command(args, backend, norms, devices, result), env=env,
                        timeout=args.timeout)
     except OSError as e:
-        record['error'] = '%s: %s' % (type(e).__name__, e)
-        return record
+        for record in records:
+            record['error'] = '%s: %s' % (type(e).__name__, e)
+        return records
     status = {'ok': 'ok', 'timeout': 'timeout'}.get(run.status,
                                                     'failed (exit %s)' % run.returncode)
-    record['wall_s'] = round(run.seconds, 2)
     if os.path.exists(result):
         with open(result) as f:
-            record.update(json.load(f))
+            for record, got in zip(records, json.load(f)):
+                record.update(got)
         os.remove(result)
-    if status != 'ok' or record['status'] != 'ok':
-        record['status'] = status if status != 'ok' else 'failed (no result)'
-        record['step_s'] = None
-        tail = run.output.strip().splitlines()[-15:]
-        # the results file is shared: no paths of this machine in it
-        record['error'] = '\n'.join(tail).replace(sys.prefix, '<venv>').replace(
-            os.getcwd(), '.')
-        if backend == 'horovod':
-            sys.stderr.write('\nbench_norm: horovodrun (%s) %s; continuing with the other '
-                             'results. Last output:\n%s\n' % (norm, record['status'],
-                                                              record['error']))
-        else:
-            sys.stderr.write('\nbench_norm: %s %s x%d %s. Last output:\n%s\n'
-                             % (norm, backend, devices, record['status'], record['error']))
-    return record
+    if status == 'ok' and all(r['status'] == 'ok' for r in records):
+        return records
+    tail = run.output.strip().splitlines()[-15:]
+    # the results file is shared: no paths of this machine in it
+    error = '\n'.join(tail).replace(sys.prefix, '<venv>').replace(os.getcwd(), '.')
+    for record in records:
+        record.update(status=status if status != 'ok' else 'failed (no result)', step_s=None,
+                      error=error)
+    sys.stderr.write('\nbench_norm: %s x%d (%s) %s; continuing with the other results. Last '
+                     'output:\n%s\n' % (backend, devices, ','.join(norms), records[0]['status'],
+                                          error))
+    return records
+
+
+def ratio_interval(rounds, base, draws=2000, seed=0):
+    """Median of the per-round ratios rounds[i] / base[i], and its bootstrap 90% interval."""
+    import numpy as np
+    ratios = np.asarray(rounds) / np.asarray(base)
+    rng = np.random.RandomState(seed)
+    medians = np.median(rng.choice(ratios, (draws, len(ratios))), axis=1)
+    return float(np.median(ratios)), [float(np.percentile(medians, 5)),
+                                      float(np.percentile(medians, 95))]
 
 
 def add_ratios(records):
-    base = {(r['backend'], r['devices']): r['step_s'] for r in records if r['norm'] == 'bn'}
+    """Ratio to BatchNorm of the same configuration, round by round (interleaved)."""
+    base = {(r['backend'], r['devices']): r.get('step_s_rounds') for r in records
+            if r['norm'] == 'bn' and r['step_s']}
     for r in records:
         b = base.get((r['backend'], r['devices']))
-        r['ratio_to_bn'] = r['step_s'] / b if r['step_s'] and b else None
+        if r['step_s'] and b:
+            r['ratio_to_bn'], r['ratio_90'] = ratio_interval(r['step_s_rounds'], b)
+        else:
+            r['ratio_to_bn'], r['ratio_90'] = None, None
     return records
 
 
 def format_table(records):
-    header = ('norm', 'backend', 'devices', 'step_s (median)', 'ratio to bn',
+    header = ('norm', 'backend', 'devices', 'step_s (median)', 'ratio to bn', '90% interval',
               'blocking exch/step', 'non-blocking exch/step', 'status')
     rows = []
     for r in records:
@@ -285,23 +323,34 @@ def format_table(records):
         rows.append((r['norm'], r['backend'], str(r['devices']),
                      'timeout' if r['status'] == 'timeout' else fmt(r['step_s'], '%.4f'),
                      fmt(r.get('ratio_to_bn'), '%.2f'),
+                     '-' if not r.get('ratio_90') else '%.2f-%.2f' % tuple(r['ratio_90']),
                      fmt(r['blocking_exchanges_per_step'], '%d'),
                      fmt(r['nonblocking_exchanges_per_step'], '%d'), r['status']))
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     line = lambda cells: '  '.join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
     out = [line(header), line(['-' * w for w in widths])]
     out += [line(row) for row in rows]
+    unclear = ['%s %s x%d' % (r['norm'], r['backend'], r['devices']) for r in records
+               if r['norm'] != 'bn' and r.get('ratio_90')
+               and r['ratio_90'][0] <= 1.0 <= r['ratio_90'][1]]
+    if unclear:
+        out.append('interval holds 1.00, too wide to tell from bn: ' + ', '.join(unclear))
+    if any(r.get('interleaved') is False for r in records):
+        out.append('kvstore: one norm per job (a dist kvstore serves one Trainer), rounds '
+                   'paired by index, not interleaved')
     return '\n'.join(out)
 
 
 def merge_repeats(runs):
-    """One record per configuration: step_s is the median of the runs' medians."""
+    """One record of a norm and configuration from its repeats: the rounds of the runs that
+    finished (with BatchNorm's of the same runs: a run that failed drops for every norm)."""
     ok = [r for r in runs if r['status'] == 'ok']
     record = dict(ok[0] if ok else runs[-1])
     record['step_s_runs'] = [r['step_s'] for r in ok]
     record['repeats'] = len(runs)
     if ok:
-        record['step_s'] = statistics.median(record['step_s_runs'])
+        record['step_s_rounds'] = [t for r in ok for t in r['step_s_rounds']]
+        record['step_s'] = statistics.median(record['step_s_rounds'])
         if len(ok) < len(runs):
             record['status'] = 'ok (%d of %d runs)' % (len(ok), len(runs))
     return record
@@ -346,32 +395,36 @@ def main(args):
 
     configs = []
     if 'local' in args.backends:
-        configs += [('local', norm, d) for d in args.devices for norm in args.norms]
+        configs += [('local', d) for d in args.devices]
     for backend in ('horovod', 'kvstore'):
         if backend in args.backends:
-            configs += [(backend, norm, args.hvd_np) for norm in args.norms]
+            configs += [(backend, args.hvd_np)]
 
     records = []
     bar = tqdm(total=len(configs) * args.repeats, desc='bench_norm', unit='run',
                disable=args.no_progress)
-    for backend, norm, devices in configs:
-        bar.set_postfix_str('%s %s x%d' % (norm, backend, devices))
+    for backend, devices in configs:
+        bar.set_postfix_str('%s x%d' % (backend, devices))
+        # gluon Trainers number their kvstore keys from 0: on one dist kvstore, one net a job
+        groups = [[n] for n in args.norms] if backend == 'kvstore' else [args.norms]
         runs = []
         for _ in range(args.repeats):
-            runs.append(run_config(args, backend, norm, devices))
+            runs.append([r for norms in groups for r in run_config(args, backend, norms,
+                                                                    devices)])
             bar.update()
-        record = merge_repeats(runs)
-        record['model'] = args.model
-        records.append(record)
+        for k in range(len(args.norms)):
+            record = merge_repeats([run[k] for run in runs])
+            record.update(model=args.model, interleaved=len(groups) == 1)
+            records.append(record)
     bar.close()
 
     add_ratios(records)
     what = ('GluonCV DeepLabV3-ResNet50' if args.model == 'deeplab' else
             'a %d-block, %d-channel conv net' % (args.blocks, args.channels))
-    print('\nstep time of %s, %d image(s) of %dx%d per device, %d timed steps after %d '
-          'warm-up, median of %d run(s)' % (what, args.batch_size, args.image_size,
-                                             args.image_size, args.steps, args.warmup,
-                                             args.repeats))
+    print('\nstep time of %s, %d image(s) of %dx%d per device, %d interleaved rounds after %d '
+          'warm-up steps, %d run(s)' % (what, args.batch_size, args.image_size,
+                                         args.image_size, args.steps, args.warmup,
+                                         args.repeats))
     print(format_table(records))
     for path, write in ((args.json, lambda p: write_json(p, records)),
                         (args.plot, lambda p: plot(records, p))):

@@ -41,6 +41,24 @@ def test_bench_norm_quick(tmp_path):
         row = [line for line in stdout.splitlines()
                if line.split()[:3] == [r['norm'], r['backend'], str(r['devices'])]]
         assert len(row) == 1 and row[0].split()[-1] == 'ok'
+        # interleaved: every norm timed in the same rounds, the ratio with its interval
+        assert r['interleaved'] and len(r['step_s_rounds']) == r['steps'] == 5
+        low, high = r['ratio_90']
+        assert low <= r['ratio_to_bn'] <= high
+        if r['norm'] == 'bn':
+            assert r['ratio_to_bn'] == low == high == 1.0
+
+
+def test_bench_ratio_interval_is_paired_by_round():
+    """bench_norm's ratio is the median of per-round ratios (a slow round slows both norms
+    and cancels), with a bootstrap interval around it."""
+    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+    from bench_norm import ratio_interval
+    base = [1.0, 1.0, 5.0, 1.0, 1.0]          # round 3 ran on a loaded machine
+    ratio, (low, high) = ratio_interval([2.0, 2.0, 10.0, 2.0, 2.0], base)
+    assert ratio == low == high == 2.0
+    ratio, (low, high) = ratio_interval([1.0, 3.0, 5.0, 2.0, 1.5], base)
+    assert ratio == 1.5 and low < 1.5 < high
 
 
 @pytest.mark.timeout(600)
