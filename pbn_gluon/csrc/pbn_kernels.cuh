@@ -185,7 +185,7 @@ extern "C" __global__ void pbn_norm_forward_finalize(
 }
 
 /* pbn_backward_channel per channel: dgamma, dbeta, dgroup rows 0 and 1 (the other rows 0),
- * and coef = [b ; k ; a] (3 rows of C) so that dx = a dy + b x + k. grad_rows (2 rows of C, or
+ * and coef = [x_coef ; offset ; dy_coef] (3 rows of C): dx = dy_coef dy + x_coef x + offset. grad_rows (2 rows of C, or
  * null): this device's [sum dy, sum dy xhat] for the progressive backward, while training. */
 extern "C" __global__ void pbn_norm_backward_finalize(
     const float* __restrict__ partials, int splits, long n, long C,
@@ -199,10 +199,11 @@ extern "C" __global__ void pbn_norm_backward_finalize(
   const double w = local_weight[0];
   for (long c = blockIdx.x * (long)blockDim.x + threadIdx.x; c < C;
        c += (long)gridDim.x * blockDim.x) {
-    double sdy, sdyxc, a, b, k, dg, db, dg0, dg1;
+    double sdy, sdyxc, dy_coef, x_coef, offset, dg, db, dg0, dg1;
     pbn_combine(partials, splits, C, c, &sdy, &sdyxc);
     pbn_backward_channel(mode, sdy, sdyxc, (double)n, group_sums + c, C, group_rows, w,
-                         gamma[c], mean[c], invstd[c], &a, &b, &k, &dg, &db, &dg0, &dg1);
+                         gamma[c], mean[c], invstd[c], &dy_coef, &x_coef, &offset, &dg, &db,
+                         &dg0, &dg1);
     dgamma[c] = (float)dg;
     dbeta[c] = (float)db;
     for (int row = 0; row < group_rows; ++row) {
@@ -212,9 +213,9 @@ extern "C" __global__ void pbn_norm_backward_finalize(
       grad_rows[c] = sdy;
       grad_rows[C + c] = sdyxc * invstd[c];
     }
-    coef[c] = (float)b;
-    coef[C + c] = (float)k;
-    coef[2 * C + c] = (float)a;
+    coef[c] = (float)x_coef;
+    coef[C + c] = (float)offset;
+    coef[2 * C + c] = (float)dy_coef;
   }
 }
 

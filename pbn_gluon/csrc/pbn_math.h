@@ -91,10 +91,11 @@ PBN_HD void pbn_forward_channel(const PbnMode& mode, double shift, double s1, do
 }
 
 /* Backward, one channel. sdy = sum dy, sdyxc = sum dy (x - mu) over this device's n elements.
- * Gives dx = a dy + b x + c, and the gradients of gamma, beta and the group sums. */
+ * Gives dx = dy_coef dy + x_coef x + offset, and the gradients of gamma, beta and the group
+ * sums. */
 PBN_HD void pbn_backward_channel(const PbnMode& mode, double sdy, double sdyxc, double n,
                                  const pbn_sum_t* g, long gs, int g_rows, double w, double gamma,
-                                 double mu, double r, double* a, double* b, double* c,
+                                 double mu, double r, double* dy_coef, double* x_coef, double* offset,
                                  double* dgamma, double* dbeta, double* dg0, double* dg1) {
   double gam = mode.fix_gamma ? 1.0 : gamma;
   double gn = g[2 * gs];
@@ -107,9 +108,9 @@ PBN_HD void pbn_backward_channel(const PbnMode& mode, double sdy, double sdyxc, 
     k1 += (1.0 - we) * g[3 * gs] / gn;
     k2 += (1.0 - we) * g[4 * gs] / gn;
   }
-  *a = gam * r;
-  *b = -gam * r * r * k2;
-  *c = -gam * r * k1 + gam * r * r * k2 * mu;
+  *dy_coef = gam * r;
+  *x_coef = -gam * r * r * k2;
+  *offset = -gam * r * k1 + gam * r * r * k2 * mu;
   *dgamma = mode.fix_gamma ? 0.0 : dgam;
   *dbeta = sdy;
   if (mixes_global) {

@@ -57,32 +57,50 @@ using namespace mxnet::ext;
 
 namespace {
 
-enum NormInput { kData, kGamma, kBeta, kRunningMean, kRunningVar, kGroupSums, kLocalWeight,
-                 kIsInference, kBatchSums, kNumNormInputs };
+/* The attribute map MXNet hands every callback. */
+using Attrs = std::unordered_map<std::string, std::string>;
+
+/* pbn_batch_norm's inputs, in order: the enum and the names in messages from one list */
+#define PBN_NORM_INPUTS(X)                                                                  \
+  X(kData, "data") X(kGamma, "gamma") X(kBeta, "beta") X(kRunningMean, "running_mean")    \
+  X(kRunningVar, "running_var") X(kGroupSums, "group_sums") X(kLocalWeight, "local_weight") \
+  X(kIsInference, "is_inference") X(kBatchSums, "batch_sums")
+#define PBN_ENUM(id, name) id,
+#define PBN_NAME(id, name) name,
+enum NormInput { PBN_NORM_INPUTS(PBN_ENUM) kNumNormInputs };
+const char* const kNormInputNames[] = {PBN_NORM_INPUTS(PBN_NAME)};
+#undef PBN_ENUM
+#undef PBN_NAME
 enum NormOutput { kOut, kMean, kInvStd, kNumNormOutputs };
 
-int attr_int(const std::unordered_map<std::string, std::string>& attrs, const char* key,
-             int fallback) {
-  auto it = attrs.find(key);
-  if (it == attrs.end()) return fallback;
-  const std::string& v = it->second;
-  if (v == "True" || v == "true") return 1;
-  if (v == "False" || v == "false") return 0;
-  return std::stoi(v);
-}
+/* The operators' attributes, parsed in one place with their defaults (an operator ignores the
+ * ones it does not take). */
+struct OpParams {
+  int axis = 1;         /* channel axis; negative counts from the end */
+  int local_stats = 1;  /* pbn_batch_norm: 1 mixes this batch's moments in (PBN), 0 SyncBN */
+  int fix_gamma = 0;
+  float eps = 1e-5f;
 
-float attr_float(const std::unordered_map<std::string, std::string>& attrs, const char* key,
-                 float fallback) {
-  auto it = attrs.find(key);
-  return it == attrs.end() ? fallback : std::stof(it->second);
-}
+  explicit OpParams(const Attrs& attrs) {
+    auto flag = [&](const char* key, int* out) {
+      auto it = attrs.find(key);
+      if (it == attrs.end()) return;
+      const std::string& v = it->second;
+      *out = v == "True" || v == "true" ? 1 : v == "False" || v == "false" ? 0 : std::stoi(v);
+    };
+    flag("axis", &axis);
+    flag("local_stats", &local_stats);
+    flag("fix_gamma", &fix_gamma);
+    auto it = attrs.find("eps");
+    if (it != attrs.end()) eps = std::stof(it->second);
+  }
 
-/* The channel axis of a tensor of `ndim` dims, or -1 when out of range. */
-int channel_axis(const std::unordered_map<std::string, std::string>& attrs, int ndim) {
-  int axis = attr_int(attrs, "axis", 1);
-  if (axis < 0) axis += ndim;
-  return (axis >= 0 && axis < ndim) ? axis : -1;
-}
+  /* The channel axis of a tensor of `ndim` dims, or -1 when out of range. */
+  int channel_axis(int ndim) const {
+    int a = axis < 0 ? axis + ndim : axis;
+    return (a >= 0 && a < ndim) ? a : -1;
+  }
+};
 
 template <typename Shape>
 PbnLayout layout_of(const Shape& shape, int axis) {
@@ -93,30 +111,31 @@ PbnLayout layout_of(const Shape& shape, int axis) {
 }
 
 /* The (outer, channels, inner) view of `t` around the operator's channel axis. */
-PbnLayout data_layout(const std::unordered_map<std::string, std::string>& attrs,
+PbnLayout data_layout(const Attrs& attrs,
                       const MXTensor& t) {
-  return layout_of(t.shape, channel_axis(attrs, static_cast<int>(t.shape.size())));
+  return layout_of(t.shape, OpParams(attrs).channel_axis(static_cast<int>(t.shape.size())));
 }
 
-PbnMode mode_of(const std::unordered_map<std::string, std::string>& attrs, bool training) {
+PbnMode mode_of(const Attrs& attrs, bool training) {
+  const OpParams params(attrs);
   PbnMode mode;
   mode.training = training;
-  mode.local_stats = attr_int(attrs, "local_stats", 1);
-  mode.fix_gamma = attr_int(attrs, "fix_gamma", 0);
-  mode.eps = attr_float(attrs, "eps", 1e-5f);
+  mode.local_stats = params.local_stats;
+  mode.fix_gamma = params.fix_gamma;
+  mode.eps = params.eps;
   return mode;
 }
 
 /* ---------------------------------- attributes and shapes ------------------------------- */
 
-MXReturnValue norm_parse(const std::unordered_map<std::string, std::string>& attrs,
+MXReturnValue norm_parse(const Attrs& attrs,
                          int* num_in, int* num_out) {
   *num_in = kNumNormInputs;
   *num_out = kNumNormOutputs;
   return MX_SUCCESS;
 }
 
-MXReturnValue sums_parse(const std::unordered_map<std::string, std::string>& attrs,
+MXReturnValue sums_parse(const Attrs& attrs,
                          int* num_in, int* num_out) {
   *num_in = 1;
   *num_out = 1;
@@ -140,22 +159,22 @@ MXReturnValue typed(const char* op, const char* in, const char* out,
   return MX_SUCCESS;
 }
 
-MXReturnValue norm_types(const std::unordered_map<std::string, std::string>& attrs,
+MXReturnValue norm_types(const Attrs& attrs,
                          std::vector<int>* in_types, std::vector<int>* out_types) {
   return typed("pbn_batch_norm", "fffffdffd", "fff", in_types, out_types);
 }
 
-MXReturnValue sums_types(const std::unordered_map<std::string, std::string>& attrs,
+MXReturnValue sums_types(const Attrs& attrs,
                          std::vector<int>* in_types, std::vector<int>* out_types) {
   return typed("pbn_batch_sums", "f", "d", in_types, out_types);
 }
 
-MXReturnValue running_types(const std::unordered_map<std::string, std::string>& attrs,
+MXReturnValue running_types(const Attrs& attrs,
                             std::vector<int>* in_types, std::vector<int>* out_types) {
   return typed("pbn_running_update", "dfdff", "f", in_types, out_types);
 }
 
-MXReturnValue accept_types(const std::unordered_map<std::string, std::string>& attrs,
+MXReturnValue accept_types(const Attrs& attrs,
                            std::vector<int>* in_types, std::vector<int>* out_types) {
   return typed("pbn_accept_sums", "dddddf", "f", in_types, out_types);
 }
@@ -173,19 +192,18 @@ bool known(const std::vector<unsigned int>& s) {
 }
 
 /* Fills the per-channel inputs' shapes from data (deferred initialisation) and checks them. */
-MXReturnValue norm_shape(const std::unordered_map<std::string, std::string>& attrs,
+MXReturnValue norm_shape(const Attrs& attrs,
                          std::vector<std::vector<unsigned int>>* in,
                          std::vector<std::vector<unsigned int>>* out) {
   const auto& data = in->at(kData);
-  int axis = channel_axis(attrs, static_cast<int>(data.size()));
+  const OpParams params(attrs);
+  int axis = params.channel_axis(static_cast<int>(data.size()));
   if (data.size() < 2 || axis < 0) {
-    MX_ERROR_MSG << "pbn_batch_norm: axis " << attr_int(attrs, "axis", 1)
+    MX_ERROR_MSG << "pbn_batch_norm: axis " << params.axis
                  << " does not fit an input of " << data.size() << " dims";
     return MX_FAIL;
   }
   unsigned c = data[axis];
-  const char* names[] = {"data", "gamma", "beta", "running_mean", "running_var", "group_sums",
-                         "local_weight", "is_inference", "batch_sums"};
   for (int i = kGamma; i <= kRunningVar; ++i) {
     if (!known(in->at(i))) in->at(i) = {c};
   }
@@ -200,7 +218,7 @@ MXReturnValue norm_shape(const std::unordered_map<std::string, std::string>& att
                       ? static_cast<size_t>(rows) * c : (i >= kLocalWeight ? 1 : c);
     bool ok = size == want && (i != kGroupSums || rows == 3 || rows == 5);
     if (!ok) {
-      MX_ERROR_MSG << "pbn_batch_norm: " << names[i] << " has " << size << " elements, but "
+      MX_ERROR_MSG << "pbn_batch_norm: " << kNormInputNames[i] << " has " << size << " elements, but "
                    << "the data has " << c << " channels on axis " << axis;
       return MX_FAIL;
     }
@@ -210,13 +228,14 @@ MXReturnValue norm_shape(const std::unordered_map<std::string, std::string>& att
   return MX_SUCCESS;
 }
 
-MXReturnValue sums_shape(const std::unordered_map<std::string, std::string>& attrs,
+MXReturnValue sums_shape(const Attrs& attrs,
                          std::vector<std::vector<unsigned int>>* in,
                          std::vector<std::vector<unsigned int>>* out) {
   const auto& data = in->at(0);
-  int axis = channel_axis(attrs, static_cast<int>(data.size()));
+  const OpParams params(attrs);
+  int axis = params.channel_axis(static_cast<int>(data.size()));
   if (data.size() < 2 || axis < 0) {
-    MX_ERROR_MSG << "pbn_batch_sums: axis " << attr_int(attrs, "axis", 1)
+    MX_ERROR_MSG << "pbn_batch_sums: axis " << params.axis
                  << " does not fit an input of " << data.size() << " dims";
     return MX_FAIL;
   }
@@ -224,7 +243,7 @@ MXReturnValue sums_shape(const std::unordered_map<std::string, std::string>& att
   return MX_SUCCESS;
 }
 
-MXReturnValue norm_mutates(const std::unordered_map<std::string, std::string>& attrs,
+MXReturnValue norm_mutates(const Attrs& attrs,
                            std::vector<int>* indices) {
   indices->push_back(kBatchSums);
   return MX_SUCCESS;
@@ -297,15 +316,17 @@ void channel_grad_sums(const float* dy, const float* x, const PbnLayout& l, long
   *sdyxc = a2;
 }
 
-/* out = scale * x + shift (+ coef * dy when dy is given) over one channel. */
+/* out = x_coef x + offset (+ dy_coef dy when dy is given) over one channel. */
 void channel_affine(float* out, const float* x, const float* dy, const PbnLayout& l, long c,
-                    float scale, float shift, float coef) {
+                    float x_coef, float offset, float dy_coef) {
   for (long a = 0; a < l.outer; ++a) {
     long off = (a * l.channels + c) * l.inner;
     if (dy) {
-      for (long b = 0; b < l.inner; ++b) out[off + b] = coef * dy[off + b] + scale * x[off + b] + shift;
+      for (long b = 0; b < l.inner; ++b) {
+        out[off + b] = dy_coef * dy[off + b] + x_coef * x[off + b] + offset;
+      }
     } else {
-      for (long b = 0; b < l.inner; ++b) out[off + b] = scale * x[off + b] + shift;
+      for (long b = 0; b < l.inner; ++b) out[off + b] = x_coef * x[off + b] + offset;
     }
   }
 }
@@ -332,7 +353,7 @@ bool norm_sizes_ok(const std::vector<MXTensor>& in, const PbnLayout& l) {
   return ok;
 }
 
-MXReturnValue norm_forward_cpu(const std::unordered_map<std::string, std::string>& attrs,
+MXReturnValue norm_forward_cpu(const Attrs& attrs,
                                std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                                const OpResource& res) {
   MXTensor& data = inputs->at(kData);
@@ -378,7 +399,7 @@ MXReturnValue norm_forward_cpu(const std::unordered_map<std::string, std::string
 enum BackwardInput { kGradOut = 0, kFwdInputs = kNumNormOutputs,
                      kFwdOutputs = kNumNormOutputs + kNumNormInputs };
 
-MXReturnValue norm_backward_cpu(const std::unordered_map<std::string, std::string>& attrs,
+MXReturnValue norm_backward_cpu(const Attrs& attrs,
                                 std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                                 const OpResource& res) {
   MXTensor& data = inputs->at(kFwdInputs + kData);
@@ -410,10 +431,10 @@ MXReturnValue norm_backward_cpu(const std::unordered_map<std::string, std::strin
 
 #pragma omp parallel for schedule(static)
   for (long c = 0; c < l.channels; ++c) {
-    double sdy, sdyxc, a, b, k, dg, db, dg0, dg1;
+    double sdy, sdyxc, dy_coef, x_coef, offset, dg, db, dg0, dg1;
     channel_grad_sums(dy, x, l, c, mean[c], &sdy, &sdyxc);
     pbn_backward_channel(mode, sdy, sdyxc, n, group + c, l.channels, group_rows, w, gamma[c],
-                         mean[c], invstd[c], &a, &b, &k, &dg, &db, &dg0, &dg1);
+                         mean[c], invstd[c], &dy_coef, &x_coef, &offset, &dg, &db, &dg0, &dg1);
     dgamma[c] = static_cast<float>(dg);
     dbeta[c] = static_cast<float>(db);
     dgroup[c] = dg0;
@@ -422,13 +443,13 @@ MXReturnValue norm_backward_cpu(const std::unordered_map<std::string, std::strin
       grad_rows[c] = sdy;
       grad_rows[l.channels + c] = sdyxc * invstd[c];
     }
-    channel_affine(dx, x, dy, l, c, static_cast<float>(b), static_cast<float>(k),
-                   static_cast<float>(a));
+    channel_affine(dx, x, dy, l, c, static_cast<float>(x_coef), static_cast<float>(offset),
+                   static_cast<float>(dy_coef));
   }
   return MX_SUCCESS;
 }
 
-MXReturnValue sums_forward_cpu(const std::unordered_map<std::string, std::string>& attrs,
+MXReturnValue sums_forward_cpu(const Attrs& attrs,
                                std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                                const OpResource& res) {
   MXTensor& data = inputs->at(0);
@@ -447,7 +468,7 @@ MXReturnValue sums_forward_cpu(const std::unordered_map<std::string, std::string
   return MX_SUCCESS;
 }
 
-MXReturnValue sums_backward_cpu(const std::unordered_map<std::string, std::string>& attrs,
+MXReturnValue sums_backward_cpu(const Attrs& attrs,
                                 std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                                 const OpResource& res) {
   const pbn_sum_t* dsums = inputs->at(0).data<pbn_sum_t>();
@@ -466,14 +487,14 @@ MXReturnValue sums_backward_cpu(const std::unordered_map<std::string, std::strin
 enum RunningInput { kGather, kMomentum, kStats, kRunningMeanAll, kRunningVarAll,
                     kNumRunningInputs };
 
-MXReturnValue running_parse(const std::unordered_map<std::string, std::string>& attrs,
+MXReturnValue running_parse(const Attrs& attrs,
                             int* num_in, int* num_out) {
   *num_in = kNumRunningInputs;
   *num_out = 1;   /* MXNet operators need an output: the channel count T, shape (1,) */
   return MX_SUCCESS;
 }
 
-MXReturnValue running_shape(const std::unordered_map<std::string, std::string>& attrs,
+MXReturnValue running_shape(const Attrs& attrs,
                             std::vector<std::vector<unsigned int>>* in,
                             std::vector<std::vector<unsigned int>>* out) {
   unsigned t = in->at(kMomentum).empty() ? 0 : in->at(kMomentum)[0];
@@ -489,7 +510,7 @@ MXReturnValue running_shape(const std::unordered_map<std::string, std::string>& 
   return MX_SUCCESS;
 }
 
-MXReturnValue running_mutates(const std::unordered_map<std::string, std::string>& attrs,
+MXReturnValue running_mutates(const Attrs& attrs,
                               std::vector<int>* indices) {
   indices->push_back(kStats);
   indices->push_back(kRunningMeanAll);
@@ -497,7 +518,7 @@ MXReturnValue running_mutates(const std::unordered_map<std::string, std::string>
   return MX_SUCCESS;
 }
 
-MXReturnValue running_update_cpu(const std::unordered_map<std::string, std::string>& attrs,
+MXReturnValue running_update_cpu(const Attrs& attrs,
                                  std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                                  const OpResource& res) {
   pbn_sum_t* stats = inputs->at(kStats).data<pbn_sum_t>();
@@ -525,32 +546,32 @@ MXReturnValue running_update_cpu(const std::unordered_map<std::string, std::stri
   return MX_SUCCESS;
 }
 
-MXReturnValue take_parse(const std::unordered_map<std::string, std::string>& attrs,
+MXReturnValue take_parse(const Attrs& attrs,
                          int* num_in, int* num_out) {
   *num_in = 1;
   *num_out = 1;
   return MX_SUCCESS;
 }
 
-MXReturnValue take_types(const std::unordered_map<std::string, std::string>& attrs,
+MXReturnValue take_types(const Attrs& attrs,
                          std::vector<int>* in_types, std::vector<int>* out_types) {
   return typed("pbn_take_sums", "d", "d", in_types, out_types);
 }
 
-MXReturnValue take_shape(const std::unordered_map<std::string, std::string>& attrs,
+MXReturnValue take_shape(const Attrs& attrs,
                          std::vector<std::vector<unsigned int>>* in,
                          std::vector<std::vector<unsigned int>>* out) {
   out->assign(1, in->at(0));
   return MX_SUCCESS;
 }
 
-MXReturnValue take_mutates(const std::unordered_map<std::string, std::string>& attrs,
+MXReturnValue take_mutates(const Attrs& attrs,
                            std::vector<int>* indices) {
   indices->push_back(0);
   return MX_SUCCESS;
 }
 
-MXReturnValue take_sums_cpu(const std::unordered_map<std::string, std::string>& attrs,
+MXReturnValue take_sums_cpu(const Attrs& attrs,
                             std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                             const OpResource& res) {
   MXTensor& local = inputs->at(0);
@@ -561,14 +582,14 @@ MXReturnValue take_sums_cpu(const std::unordered_map<std::string, std::string>& 
 
 enum AcceptInput { kLocal, kGroup, kRate, kGlobal, kFresh, kHealth, kNumAcceptInputs };
 
-MXReturnValue accept_parse(const std::unordered_map<std::string, std::string>& attrs,
+MXReturnValue accept_parse(const Attrs& attrs,
                            int* num_in, int* num_out) {
   *num_in = kNumAcceptInputs;
   *num_out = 1;
   return MX_SUCCESS;
 }
 
-MXReturnValue accept_shape(const std::unordered_map<std::string, std::string>& attrs,
+MXReturnValue accept_shape(const Attrs& attrs,
                            std::vector<std::vector<unsigned int>>* in,
                            std::vector<std::vector<unsigned int>>* out) {
   const std::vector<unsigned int>& k = in->at(kLocal);
@@ -584,7 +605,7 @@ MXReturnValue accept_shape(const std::unordered_map<std::string, std::string>& a
   return MX_SUCCESS;
 }
 
-MXReturnValue accept_mutates(const std::unordered_map<std::string, std::string>& attrs,
+MXReturnValue accept_mutates(const Attrs& attrs,
                              std::vector<int>* indices) {
   indices->push_back(kGlobal);
   indices->push_back(kFresh);
@@ -598,7 +619,7 @@ bool all_finite(const pbn_sum_t* p, long n) {
   return ok;
 }
 
-MXReturnValue accept_sums_cpu(const std::unordered_map<std::string, std::string>& attrs,
+MXReturnValue accept_sums_cpu(const Attrs& attrs,
                               std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                               const OpResource& res) {
   const long k = static_cast<long>(inputs->at(kLocal).size());
@@ -620,7 +641,7 @@ MXReturnValue accept_sums_cpu(const std::unordered_map<std::string, std::string>
 /* ------------------------------------- dispatch ----------------------------------------- */
 
 #ifdef PBN_WITH_CUDA
-MXReturnValue norm_forward_gpu(const std::unordered_map<std::string, std::string>& attrs,
+MXReturnValue norm_forward_gpu(const Attrs& attrs,
                                std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                                const OpResource& res) {
   MXTensor& data = inputs->at(kData);
@@ -637,7 +658,7 @@ MXReturnValue norm_forward_gpu(const std::unordered_map<std::string, std::string
       ? MX_SUCCESS : MX_FAIL;
 }
 
-MXReturnValue norm_backward_gpu(const std::unordered_map<std::string, std::string>& attrs,
+MXReturnValue norm_backward_gpu(const Attrs& attrs,
                                 std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                                 const OpResource& res) {
   MXTensor& data = inputs->at(kFwdInputs + kData);
@@ -666,7 +687,7 @@ MXReturnValue norm_backward_gpu(const std::unordered_map<std::string, std::strin
       outputs->at(kGroupSums).data<pbn_sum_t>(), grad_rows, res) ? MX_SUCCESS : MX_FAIL;
 }
 
-MXReturnValue sums_forward_gpu(const std::unordered_map<std::string, std::string>& attrs,
+MXReturnValue sums_forward_gpu(const Attrs& attrs,
                                std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                                const OpResource& res) {
   MXTensor& data = inputs->at(0);
@@ -675,7 +696,7 @@ MXReturnValue sums_forward_gpu(const std::unordered_map<std::string, std::string
       ? MX_SUCCESS : MX_FAIL;
 }
 
-MXReturnValue sums_backward_gpu(const std::unordered_map<std::string, std::string>& attrs,
+MXReturnValue sums_backward_gpu(const Attrs& attrs,
                                 std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                                 const OpResource& res) {
   MXTensor& data = inputs->at(1);
@@ -684,7 +705,7 @@ MXReturnValue sums_backward_gpu(const std::unordered_map<std::string, std::strin
                                 outputs->at(0).data<float>(), res) ? MX_SUCCESS : MX_FAIL;
 }
 
-MXReturnValue running_update_gpu(const std::unordered_map<std::string, std::string>& attrs,
+MXReturnValue running_update_gpu(const Attrs& attrs,
                                  std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                                  const OpResource& res) {
   return pbn_running_update_cuda(
@@ -696,7 +717,7 @@ MXReturnValue running_update_gpu(const std::unordered_map<std::string, std::stri
       ? MX_SUCCESS : MX_FAIL;
 }
 
-MXReturnValue take_sums_gpu(const std::unordered_map<std::string, std::string>& attrs,
+MXReturnValue take_sums_gpu(const Attrs& attrs,
                             std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                             const OpResource& res) {
   MXTensor& local = inputs->at(0);
@@ -704,7 +725,7 @@ MXReturnValue take_sums_gpu(const std::unordered_map<std::string, std::string>& 
       pbn_zero_cuda(local.data_ptr, nbytes(local), res) ? MX_SUCCESS : MX_FAIL;
 }
 
-MXReturnValue accept_sums_gpu(const std::unordered_map<std::string, std::string>& attrs,
+MXReturnValue accept_sums_gpu(const Attrs& attrs,
                               std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                               const OpResource& res) {
   return pbn_accept_sums_cuda(
