@@ -52,14 +52,19 @@ def write_json(path, obj):
 def reason(err):
     """The short cause of an exception: its first line, without MXNet's time and source prefix
     and stack trace."""
-    text = one_line(str(err).split('Stack trace')[0]) or type(err).__name__
+    lines = [l.strip() for l in str(err).split('Stack trace')[0].splitlines() if l.strip()]
+    if lines and lines[0].startswith('Traceback'):     # MXNet: its C++ frames, then the message
+        lines = lines[-1:]
+    text = one_line('\n'.join(lines)) or type(err).__name__
+    if text.startswith(type(err).__name__ + ': '):
+        text = text[len(type(err).__name__) + 2:]
     if text.startswith('[') and '] ' in text:          # [20:33:12] ../src/x.cc:123: message
         text = text.split('] ', 1)[1]
         parts = text.split(': ', 1)
         if len(parts) == 2 and ('.cc:' in parts[0] or '.h:' in parts[0]):
             text = parts[1]
     text = text.replace('Check failed: ', '')
-    return '%s: %s' % (type(err).__name__, text) if type(err).__name__ not in text else text
+    return '%s: %s' % (type(err).__name__, text)
 
 
 def _damaged(path, err, what_to_do):
