@@ -97,10 +97,9 @@ class StatsSync:
             layer.attach(comm, index)
         if self.syncbn:     # a SyncBatchNorm's graph depends on its communicator
             _clear_cached_graphs(net)
-        advice = cpu_resource_advice(comm.contexts) if self.syncbn else None
-        if advice:
-            warnings.warn('SyncBatchNorm on %d CPU contexts of one process may stall. %s'
-                          % (len(comm.contexts), advice))
+        error = rendezvous.cpu_resource_error(comm.contexts) if self.syncbn else None
+        if error is not None:   # it would stall until PBN_GLUON_TIMEOUT: fail now, say what to set
+            raise error
         for layer in self.pbn:
             layer.check_devices(comm.size)
         self._prepare_syncbn()
