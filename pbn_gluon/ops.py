@@ -234,10 +234,10 @@ def _library(nvcc):
             raise BuildError('pbn_gluon cannot write its operator cache: %s is not writable (%s), '
                              'nor is the fallback %s (%s): set PBN_GLUON_CACHE to a writable '
                              'directory' % (where, problem, fallback, fallback_problem))
-        warnings.warn('pbn_gluon: %s is not writable (%s): the operators are built in %s '
-                      'instead; set PBN_GLUON_CACHE to a writable directory to keep them'
-                      % (where, problem, fallback), RuntimeWarning, stacklevel=3)
         _build(path, nvcc)
+    warnings.warn('pbn_gluon: %s is not writable (%s): the operators are built in %s instead; '
+                  'set PBN_GLUON_CACHE to a writable directory to keep them'
+                  % (where, problem, fallback), RuntimeWarning, stacklevel=3)
     return path
 
 

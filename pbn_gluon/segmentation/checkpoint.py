@@ -134,6 +134,10 @@ def save(run_dir, epoch, iteration, net, trainer, sync_state=None, layout=None):
         os.makedirs(tmp)
         current = os.path.join(tmp, 'model.params')
         net.save_parameters(current)
+        try:    # MXNet's writer does not check its last flush: a full disk can cut it silently
+            nd.load(current)
+        except Exception as err:
+            raise OSError('written incompletely, disk full? %s' % reason(err)) from err
         current = os.path.join(tmp, 'trainer.states')
         trainer.save_states(current)
         if sync_state is not None:
