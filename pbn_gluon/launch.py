@@ -6,7 +6,10 @@
 Every process gets DMLC_ROLE, DMLC_PS_ROOT_URI, DMLC_PS_ROOT_PORT, DMLC_NUM_SERVER and
 DMLC_NUM_WORKER. The launcher waits for the workers; when one fails (non-zero exit, killed)
 it stops all the others and exits with that worker's code, so a dead worker never leaves the
-rest hanging. Scheduler and servers run on this machine.
+rest hanging. A process that cannot be started (no such program, not executable) stops
+everything already started, with one error line and exit code 127 (126: not executable); a
+launcher stopped by SIGTERM or Ctrl-C stops its processes too, and on Linux its processes
+receive SIGTERM if the launcher itself is killed. Scheduler and servers run on this machine.
 """
 import argparse
 import os
@@ -17,7 +20,34 @@ import subprocess
 import sys
 import time
 
-__all__ = ['launch', 'main']
+__all__ = ['launch', 'main', 'LaunchError']
+
+
+class LaunchError(RuntimeError):
+    """A process of the job could not be started; `code` is the exit code to report."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+def _die_with_parent():
+    """In the child, before exec: SIGTERM when the launcher dies (Linux), so that even a killed
+    launcher leaves no scheduler or server behind."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)     # PR_SET_PDEATHSIG
+    except Exception:     # not Linux: the launcher's own handlers still stop the job
+        pass
+
+
+def _start(name, command, env=None):
+    try:
+        return subprocess.Popen(command, env=env, preexec_fn=_die_with_parent)
+    except OSError as err:
+        raise LaunchError('cannot start %s: %s: %s' % (
+            name, ' '.join(shlex.quote(c) for c in command), err.strerror or err),
+            127 if isinstance(err, FileNotFoundError) else 126) from err
 
 
 def free_port():
@@ -54,26 +84,26 @@ def launch(command, num_workers, num_servers=1, hosts=None, ssh='ssh', root_uri=
     root_uri = root_uri or ('127.0.0.1' if not hosts else socket.gethostbyname(socket.gethostname()))
     port = port or free_port()
     server_cmd = [sys.executable, '-c', 'import mxnet']   # importing mxnet runs a ps-lite role
-    procs = [subprocess.Popen(server_cmd, env=_role_env('scheduler', root_uri, port, num_servers,
-                                                        num_workers))]
-    procs += [subprocess.Popen(server_cmd, env=_role_env('server', root_uri, port, num_servers,
-                                                         num_workers))
-              for _ in range(num_servers)]
-    workers = []
-    for rank in range(num_workers):
-        env = _role_env('worker', root_uri, port, num_servers, num_workers)
-        if hosts:
-            host = hosts[rank % len(hosts)]
-            exports = ' '.join('%s=%s' % (k, shlex.quote(env[k])) for k in env
-                               if k.startswith('DMLC_'))
-            remote = 'cd %s && env %s %s' % (shlex.quote(os.getcwd()), exports,
-                                             ' '.join(shlex.quote(c) for c in command))
-            workers.append(subprocess.Popen(shlex.split(ssh) + [host, remote]))
-        else:
-            workers.append(subprocess.Popen(command, env=env))
-    start = time.time()
+    procs, workers = [], []
     code = 0
     try:
+        procs.append(_start('the scheduler', server_cmd, _role_env(
+            'scheduler', root_uri, port, num_servers, num_workers)))
+        for index in range(num_servers):
+            procs.append(_start('server %d' % index, server_cmd, _role_env(
+                'server', root_uri, port, num_servers, num_workers)))
+        for rank in range(num_workers):
+            env = _role_env('worker', root_uri, port, num_servers, num_workers)
+            if hosts:
+                host = hosts[rank % len(hosts)]
+                exports = ' '.join('%s=%s' % (k, shlex.quote(env[k])) for k in env
+                                   if k.startswith('DMLC_'))
+                remote = 'cd %s && env %s %s' % (shlex.quote(os.getcwd()), exports,
+                                                 ' '.join(shlex.quote(c) for c in command))
+                workers.append(_start('worker %d' % rank, shlex.split(ssh) + [host, remote]))
+            else:
+                workers.append(_start('worker %d' % rank, command, env))
+        start = time.time()
         while any(w.poll() is None for w in workers):
             failed = [w for w in workers if w.poll() not in (None, 0)]
             if failed:
@@ -95,6 +125,9 @@ def launch(command, num_workers, num_servers=1, hosts=None, ssh='ssh', root_uri=
             time.sleep(0.2)
         else:
             code = next((w.returncode for w in workers if w.returncode), 0)
+    except LaunchError as err:
+        sys.stderr.write('pbn_gluon.launch: %s; stopping the job\n' % err)
+        code = err.code
     finally:
         _stop(workers + procs)
     return code if code >= 0 else 128 - code
@@ -119,6 +152,10 @@ def main(argv=None):
     if args.num_workers < 1 or args.num_servers < 1:
         parser.error('need at least one worker and one server')
     hosts = args.hosts.split(',') if args.hosts else None
+
+    def stop(signum, frame):    # SIGTERM: leave through launch()'s finally, which stops the job
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, stop)
     return launch(command, args.num_workers, args.num_servers, hosts, args.ssh,
                   port=args.port, timeout=args.timeout)
 

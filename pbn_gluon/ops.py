@@ -7,6 +7,15 @@ autograd, on every context. The library is compiled once per source, MXNet and c
 version into ``$PBN_GLUON_CACHE`` (default ``~/.cache/pbn_gluon``), under a file lock so that
 the processes of a Horovod or KVStore job can import pbn_gluon at the same time.
 
+The cache is checked, never trusted: beside the library, ``libpbn_ops.so.sha256`` (written at
+build time) holds its size and SHA-256, and a library that does not match them (a full disk, a
+killed copy: loading a truncated library dies with SIGBUS) is rebuilt before it is loaded. A
+build compiles into a temporary file and renames it; temporaries left by a killed build are
+removed under the lock. When the cache cannot be written (a read-only file system,
+``$PBN_GLUON_CACHE`` under a regular file), the library is built in a per-user temporary
+directory instead, with a warning that names ``PBN_GLUON_CACHE``; when that fails too, a
+BuildError names both.
+
 CUDA kernels are compiled when MXNet is a CUDA build and ``nvcc`` is found (``$CUDA_HOME/bin``
 or ``PATH``); otherwise the library is CPU-only and ``cuda_enabled()`` says so.
 """
@@ -14,13 +23,16 @@ import fcntl
 import hashlib
 import os
 import shutil
+import glob
+import json
 import subprocess
 import sys
 import tempfile
+import warnings
 
 import mxnet as mx
 
-__all__ = ['load', 'cuda_enabled', 'library_path', 'BuildError']
+__all__ = ['load', 'cuda_enabled', 'library_path', 'library_ok', 'BuildError']
 
 SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc')
 SOURCES = ('pbn_ops.cc', 'pbn_ops.h', 'pbn_math.h', 'pbn_cuda.cu', 'pbn_kernels.cuh')
@@ -100,6 +112,11 @@ def _cache_dir():
     return os.environ.get('PBN_GLUON_CACHE', default)
 
 
+def _fallback_cache_dir():
+    """A per-user cache under the temporary directory, for an unwritable $PBN_GLUON_CACHE."""
+    return os.path.join(tempfile.gettempdir(), 'pbn_gluon-%d' % os.getuid())
+
+
 def _key(command):
     digest = hashlib.sha1()
     for name in SOURCES:
@@ -110,40 +127,125 @@ def _key(command):
     return digest.hexdigest()[:16]
 
 
-def library_path(nvcc=None):
+def library_path(nvcc=None, cache_dir=None):
     """Where the library for these sources, this MXNet and this compiler lives."""
     command = _build_command('lib.so', nvcc)
-    return os.path.join(_cache_dir(), _key(command), 'libpbn_ops.so')
+    return os.path.join(cache_dir or _cache_dir(), _key(command), 'libpbn_ops.so')
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checksum_path(path):
+    return path + '.sha256'
+
+
+def library_ok(path):
+    """True when `path` is a complete library: its size and SHA-256 are those written beside
+    it when it was built."""
+    try:
+        with open(checksum_path(path)) as f:
+            expected = json.load(f)
+        return (os.path.getsize(path) == expected['size']
+                and _sha256(path) == expected['sha256'])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _writable_dir(directory):
+    """None when `directory` can be created and written, else why not."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix='.probe')
+        os.close(fd)
+        os.unlink(probe)
+        return None
+    except OSError as err:
+        return '%s: %s' % (err.filename or directory, err.strerror or err)
+
+
+def _remove_stale_temporaries(directory):
+    """Temporaries of a killed build (only ever written under the lock, which we hold)."""
+    for stale in glob.glob(os.path.join(directory, 'tmp*.so')) + \
+            glob.glob(os.path.join(directory, '*.sha256.tmp')):
+        try:
+            os.unlink(stale)
+        except OSError:
+            pass
 
 
 def _build(path, nvcc):
-    """Compile into `path` (atomically) unless another process already did."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(os.path.join(os.path.dirname(path), '.lock'), 'w') as lock:
+    """Compile into `path` (atomically, with its checksum file) unless another process already
+    did; temporaries of a killed build are removed first."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, '.lock'), 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if os.path.isfile(path):
+        _remove_stale_temporaries(directory)
+        if library_ok(path):
             return
-        fd, tmp = tempfile.mkstemp(suffix='.so', dir=os.path.dirname(path))
+        fd, tmp = tempfile.mkstemp(suffix='.so', dir=directory)
         os.close(fd)
+        sums = checksum_path(path) + '.tmp'
         try:
             command = _build_command(tmp, nvcc)
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode:
                 raise BuildError('building pbn_gluon operators failed:\n$ %s\n%s'
                                  % (' '.join(command), result.stderr[-4000:]))
+            with open(sums, 'w') as f:
+                json.dump({'size': os.path.getsize(tmp), 'sha256': _sha256(tmp)}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            with open(tmp, 'rb') as f:
+                os.fsync(f.fileno())
+            # the checksum first: a kill in between leaves a library that fails it (rebuilt)
+            os.replace(sums, checksum_path(path))
             os.replace(tmp, path)
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            for leftover in (tmp, sums):
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
+
+
+def _library(nvcc):
+    """The path of a checked library, built (again) if needed; an unwritable cache falls back
+    to a per-user temporary directory with a warning."""
+    path = library_path(nvcc)
+    if library_ok(path):
+        return path
+    cache = _cache_dir()
+    problem = _writable_dir(os.path.dirname(path))
+    if problem is None:
+        _build(path, nvcc)
+        return path
+    fallback = _fallback_cache_dir()
+    where = ('PBN_GLUON_CACHE=%s' % cache if 'PBN_GLUON_CACHE' in os.environ
+             else 'the default cache %s (set PBN_GLUON_CACHE to move it)' % cache)
+    path = library_path(nvcc, fallback)
+    if not library_ok(path):
+        fallback_problem = _writable_dir(os.path.dirname(path))
+        if fallback_problem is not None:
+            raise BuildError('pbn_gluon cannot write its operator cache: %s is not writable (%s), '
+                             'nor is the fallback %s (%s): set PBN_GLUON_CACHE to a writable '
+                             'directory' % (where, problem, fallback, fallback_problem))
+        _build(path, nvcc)
+    warnings.warn('pbn_gluon: %s is not writable (%s): the operators are built in %s instead; '
+                  'set PBN_GLUON_CACHE to a writable directory to keep them'
+                  % (where, problem, fallback), RuntimeWarning, stacklevel=3)
+    return path
 
 
 def load():
     """Build if needed and load the operator library once per process; returns its path."""
     if 'path' not in _loaded:
         nvcc = _nvcc()
-        path = library_path(nvcc)
-        if not os.path.isfile(path):
-            _build(path, nvcc)
+        path = _library(nvcc)
         mx.library.load(path, verbose=False)
         _loaded.update(path=path, cuda=nvcc is not None)
     return _loaded['path']

@@ -16,8 +16,10 @@ import sys
 import threading
 
 from . import engine
+from .errors import UserError
 
-__all__ = ['Meeting', 'TIMEOUT', 'cpu_resource_env', 'cpu_resource_advice']
+__all__ = ['Meeting', 'TIMEOUT', 'cpu_resource_env', 'cpu_resource_advice', 'cpu_resource_error',
+           'CPUResourceError']
 
 #: seconds the devices of a process have to meet at a SyncBatchNorm layer before it fails
 TIMEOUT = float(os.environ.get('PBN_GLUON_TIMEOUT', '300'))
@@ -55,6 +57,25 @@ def cpu_resource_advice(contexts):
     if len(cpu) < 2 or not short:
         return None
     return CPU_RESOURCE_ADVICE % ' '.join('%s=%s' % kv for kv in sorted(short.items()))
+
+
+class CPUResourceError(UserError, RuntimeError):
+    """SyncBatchNorm on several CPU contexts of one process without MXNet's resource settings."""
+
+
+def cpu_resource_error(contexts):
+    """None, or the error (one line: what to set) for SyncBatchNorm on these contexts of one
+    process when MXNet's CPU resource settings are too low: it would stall, not fail."""
+    if cpu_resource_advice(contexts) is None:
+        return None
+    cpu = [c for c in contexts if c.device_type == 'cpu']
+    settings = ' '.join('%s=%s' % kv for kv in sorted(cpu_resource_env(len(cpu)).items()))
+    return CPUResourceError(
+        'SyncBatchNorm on %d CPU contexts of one process stalls with MXNet\'s default CPU '
+        'resource copies: set %s in the environment before mxnet is imported (`%s python '
+        'your_script.py`, or os.environ.update(pbn_gluon.rendezvous.cpu_resource_env(%d)) before '
+        '`import mxnet`), or run one process per device (Horovod, KVStore)'
+        % (len(cpu), settings, settings, len(cpu)))
 
 
 class Meeting:

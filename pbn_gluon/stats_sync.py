@@ -38,7 +38,6 @@ from mxnet.gluon import HybridBlock
 
 from .batch_stats import BatchStatsNorm
 from . import rendezvous
-from .rendezvous import cpu_resource_advice
 from .progressive_norm import ProgressiveBatchNorm
 from .stats_buffers import StatsBuffers
 from .sync_norm import SyncBatchNorm, exchange_tag
@@ -103,10 +102,9 @@ class StatsSync:
             layer.attach(comm, index)
         if self.syncbn:     # a SyncBatchNorm's graph depends on its communicator
             _clear_cached_graphs(net)
-        advice = cpu_resource_advice(comm.contexts) if self.syncbn else None
-        if advice:
-            warnings.warn('SyncBatchNorm on %d CPU contexts of one process may stall. %s'
-                          % (len(comm.contexts), advice))
+        error = rendezvous.cpu_resource_error(comm.contexts) if self.syncbn else None
+        if error is not None:   # it would stall until PBN_GLUON_TIMEOUT: fail now, say what to set
+            raise error
         for layer in self.pbn:
             layer.check_devices(comm.size)
         self._prepare_syncbn()

@@ -30,6 +30,7 @@ import tempfile
 import time
 
 from pbn_gluon import jobs
+from pbn_gluon.errors import ArgumentParser, positive_int, user_errors
 
 NORMS = ('bn', 'pbn', 'syncbn')
 BACKENDS = ('local', 'horovod', 'kvstore')
@@ -37,7 +38,7 @@ HERE = os.path.abspath(__file__)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description='Step time of BatchNorm, ProgressiveBatchNorm and SyncBatchNorm.')
     parser.add_argument('--norms', type=str, default=','.join(NORMS),
                         help='comma-separated norms among bn, pbn, syncbn.')
@@ -45,20 +46,20 @@ def parse_args(argv=None):
                         help='comma-separated CPU context counts for the local backend.')
     parser.add_argument('--backends', type=str, default='local,horovod',
                         help='comma-separated backends among local, horovod, kvstore.')
-    parser.add_argument('--hvd-np', type=int, default=2,
+    parser.add_argument('--hvd-np', type=positive_int, default=2,
                         help='number of Horovod processes / KVStore workers (one device each).')
     parser.add_argument('--model', choices=['convnet', 'deeplab'], default='convnet',
                         help='convnet: small conv net; deeplab: GluonCV DeepLabV3-ResNet50.')
-    parser.add_argument('--repeats', type=int, default=1,
+    parser.add_argument('--repeats', type=positive_int, default=1,
                         help='runs of each configuration (separate processes).')
     parser.add_argument('--plot', type=str, default=None, help='write a bar chart (PNG) here.')
-    parser.add_argument('--steps', type=int, default=20, help='timed steps per configuration.')
+    parser.add_argument('--steps', type=positive_int, default=20, help='timed steps per configuration.')
     parser.add_argument('--warmup', type=int, default=3, help='untimed steps first.')
-    parser.add_argument('--batch-size', type=int, default=2, help='images per device.')
-    parser.add_argument('--image-size', type=int, default=32, help='height and width of images.')
-    parser.add_argument('--channels', type=int, default=16, help='channels of the conv blocks.')
-    parser.add_argument('--blocks', type=int, default=3, help='Conv + norm + ReLU blocks.')
-    parser.add_argument('--classes', type=int, default=10, help='outputs of the Dense head.')
+    parser.add_argument('--batch-size', type=positive_int, default=2, help='images per device.')
+    parser.add_argument('--image-size', type=positive_int, default=32, help='height and width of images.')
+    parser.add_argument('--channels', type=positive_int, default=16, help='channels of the conv blocks.')
+    parser.add_argument('--blocks', type=positive_int, default=3, help='Conv + norm + ReLU blocks.')
+    parser.add_argument('--classes', type=positive_int, default=10, help='outputs of the Dense head.')
     parser.add_argument('--timeout', type=float, default=120.,
                         help='seconds one configuration may take before it counts as timeout.')
     parser.add_argument('--quick', action='store_true',
@@ -78,7 +79,12 @@ def parse_args(argv=None):
         args.warmup = min(args.warmup, 2)
         args.timeout = min(args.timeout, 60.)
     args.norms = [n for n in args.norms.split(',') if n]
-    args.devices = [int(d) for d in args.devices.split(',') if d]
+    try:
+        args.devices = [positive_int(d) for d in args.devices.split(',') if d]
+    except argparse.ArgumentTypeError as err:
+        parser.error('argument --devices: %s (a comma-separated list)' % err)
+    if not args.devices or not args.norms or not args.backends:
+        parser.error('--devices, --norms and --backends need at least one value each')
     args.backends = [b for b in args.backends.split(',') if b]
     for n in args.norms:
         if n not in NORMS:
@@ -440,4 +446,5 @@ if __name__ == '__main__':
     if args.worker:
         run_worker(args)
     else:
-        main(args)
+        with user_errors('bench_norm.py'):
+            main(args)

@@ -40,13 +40,13 @@ Usage:
     python scripts/demo.py                     # full run: 8 contexts, 3 seeds
     python scripts/demo.py --quick --out /tmp/d  # smoke test (2 contexts, 1 seed, few steps)
 """
-import argparse
 import json
 import os
 import sys
 import time
 
 from pbn_demo.model import PBN_RAMP
+from pbn_gluon.errors import ArgumentParser, UserError, positive_int, user_errors
 from pbn_demo.report import plot, print_table, summarize
 from pbn_demo.run import launch, worker_main
 
@@ -54,17 +54,17 @@ NORMS = ('bn', 'syncbn', 'pbn', 'pbn+', 'gn')
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p = ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--quick', action='store_true',
                    help='smoke test: 2 contexts, 1 seed, few steps, tiny data')
     p.add_argument('--out', default='results')
-    p.add_argument('--contexts', type=int, default=None, help='CPU contexts (default 8)')
-    p.add_argument('--seeds', type=int, default=None, help='number of seeds (default 3)')
-    p.add_argument('--steps', type=int, default=None, help='training steps (default 300)')
-    p.add_argument('--ipd', type=int, nargs='+', default=[1, 2], help='images per device')
+    p.add_argument('--contexts', type=positive_int, default=None, help='CPU contexts (default 8)')
+    p.add_argument('--seeds', type=positive_int, default=None, help='number of seeds (default 3)')
+    p.add_argument('--steps', type=positive_int, default=None, help='training steps (default 300)')
+    p.add_argument('--ipd', type=positive_int, nargs='+', default=[1, 2], help='images per device')
     p.add_argument('--norms', nargs='+', default=list(NORMS), choices=NORMS)
     p.add_argument('--lr', type=float, default=0.1)
-    p.add_argument('--width', type=int, default=16)
+    p.add_argument('--width', type=positive_int, default=16)
     p.add_argument('--data-seed', type=int, default=0)
     p.add_argument('--syncbn-backend', choices=['local', 'horovod'], default='local',
                    help='local: CPU contexts of one process (default); horovod: one process '
@@ -105,7 +105,10 @@ def main(argv=None):
                 'n_train': 64 if quick else 1600, 'n_val': 32 if quick else 400,
                 'checkpoints': [0.5] if quick else [0.1, 0.25, 0.5, 0.75]}
     timeout = args.timeout or (60 if quick else 120)
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as err:
+        raise UserError('cannot create --out %s: %s' % (args.out, err.strerror or err)) from err
 
     from tqdm import tqdm
     runs = [dict(cfg_base, norm=n, images_per_device=i, seed=s,
@@ -154,4 +157,5 @@ if __name__ == '__main__':
     if len(sys.argv) > 1 and sys.argv[1] == '--worker':
         worker_main(sys.argv[2])
     else:
-        sys.exit(main())
+        with user_errors('demo.py'):
+            sys.exit(main())

@@ -11,10 +11,8 @@ with its running statistics. --save-dir writes the predictions as labelId PNGs n
 images, as the official benchmark expects, and the reported mIoU is then the official
 evaluation's (cityscapesscripts). Results go to OUT/metrics.json.
 """
-import argparse
 import json
 import os
-import sys
 
 import mxnet as mx
 import numpy as np
@@ -22,14 +20,17 @@ from gluoncv.model_zoo.segbase import MultiEvalModel
 from gluoncv.utils.metrics import SegmentationMetric
 from tqdm import tqdm
 
+from pbn_gluon.errors import ArgumentParser, user_errors
 from pbn_gluon.segmentation import (CityscapesSegmentation, get_segmentation_model,
                                     input_transform, load_config)
-from pbn_gluon.segmentation.checkpoint import model_params
+from pbn_gluon.segmentation.checkpoint import load_params, model_params
 from pbn_gluon.segmentation.evaluation import mean_iou, official_evaluation, save_prediction
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description='Evaluate DeepLab on Cityscapes val')
+    parser = ArgumentParser(description='Evaluate DeepLab on Cityscapes val (a user error is one '
+                                        'line on stderr, exit code 2; PBN_GLUON_DEBUG=1 or '
+                                        '--debug: its traceback)')
     parser.add_argument('--config', required=True, help='YAML experiment config')
     parser.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE',
                         help='override config keys (values in YAML syntax)')
@@ -44,10 +45,12 @@ def parse_args():
 
 def main():
     args = parse_args()
-    try:
-        cfg = load_config(args.config, args.set)
-    except ValueError as err:
-        sys.exit('%s: %s' % (sys.argv[0], err))
+    with user_errors('eval.py'):
+        evaluate(args)
+
+
+def evaluate(args):
+    cfg = load_config(args.config, args.set)
     out = args.out or os.path.join(cfg.run_dir, 'eval')
     ctx = ([mx.gpu(i) for i in range(cfg.gpus)] if cfg.gpus
            else [mx.cpu(i) for i in range(cfg.devices)])
@@ -58,7 +61,8 @@ def main():
                                  aux=cfg.aux, crop_size=cfg.crop_size, base_size=cfg.base_size,
                                  gn_groups=cfg.gn_groups)
     params = model_params(args.checkpoint)
-    net.load_parameters(params, ctx=ctx)
+    load_params(net, params, ctx, 'give eval.py another checkpoint (--checkpoint: a .params '
+                'file, a checkpoint directory or a run directory)')
     if cfg.hybridize:
         net.hybridize()
     scales = cfg.eval_scales if args.multi_scale else [1.0]

@@ -7,12 +7,13 @@ people, poles and signs) painted in the class colors of the official label table
 so the class of a pixel is learnable from its color. The labels are real Cityscapes labelIds,
 including void ones (ego vehicle, out of roi, static), next to *_gtFine_instanceIds.png.
 """
-import argparse
 import os
 
 import numpy as np
 from cityscapesscripts.helpers.labels import name2label
 from PIL import Image
+
+from pbn_gluon.errors import ArgumentParser, UserError, non_negative_int, user_errors
 
 TRAIN_CITIES = ('aachen', 'bochum')
 VAL_CITIES = ('frankfurt', 'lindau')
@@ -20,14 +21,19 @@ OBJECTS = ('car', 'person', 'pole', 'traffic sign')     # painted as boxes over 
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description='Write a fake Cityscapes dataset.')
+    parser = ArgumentParser(description='Write a fake Cityscapes dataset.')
     parser.add_argument('--out', required=True, help='dataset root to create')
-    parser.add_argument('--num-train', type=int, default=4, help='training images')
-    parser.add_argument('--num-val', type=int, default=2, help='validation images')
+    parser.add_argument('--num-train', type=non_negative_int, default=4, help='training images')
+    parser.add_argument('--num-val', type=non_negative_int, default=2, help='validation images')
     parser.add_argument('--size', default='64x128', help='HxW of every image')
-    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--seed', type=non_negative_int, default=0)
     args = parser.parse_args()
-    args.height, args.width = (int(v) for v in args.size.lower().split('x'))
+    try:
+        args.height, args.width = (int(v) for v in args.size.lower().split('x'))
+    except ValueError:
+        parser.error('argument --size: expected HxW (e.g. 64x128), got %r' % args.size)
+    if args.height < 16 or args.width < 16:
+        parser.error('argument --size: %s is too small, each side must be >= 16' % args.size)
     return args
 
 
@@ -82,10 +88,20 @@ def write(out, split, cities, count, rng, height, width):
         Image.fromarray(instances).save(gt + '_gtFine_instanceIds.png')
 
 
-if __name__ == '__main__':
+def main():
     args = parse_args()
-    rng = np.random.RandomState(args.seed)
-    write(args.out, 'train', TRAIN_CITIES, args.num_train, rng, args.height, args.width)
-    write(args.out, 'val', VAL_CITIES, args.num_val, rng, args.height, args.width)
+    with user_errors('make_fake_cityscapes.py'):
+        rng = np.random.RandomState(args.seed)
+        try:
+            write(args.out, 'train', TRAIN_CITIES, args.num_train, rng, args.height, args.width)
+            write(args.out, 'val', VAL_CITIES, args.num_val, rng, args.height, args.width)
+        except OSError as err:
+            raise UserError('cannot write the dataset under --out %s: %s%s' % (
+                args.out, err.strerror or err,
+                ' (%s)' % err.filename if err.filename else '')) from err
     print('wrote %d train and %d val images of %dx%d to %s'
           % (args.num_train, args.num_val, args.height, args.width, args.out))
+
+
+if __name__ == '__main__':
+    main()

@@ -13,7 +13,6 @@ nonfinite_stats_steps: steps whose statistics had a NaN or Inf, left out), and a
 after every epoch; --resume continues from the last one exactly as if never stopped. With
 horovod or kvstore, the root process writes, and run_dir must be shared by every process.
 """
-import argparse
 import json
 import os
 import sys
@@ -25,6 +24,7 @@ from mxnet import gluon
 from tqdm import tqdm
 
 import pbn_gluon
+from pbn_gluon.errors import ArgumentParser, ConfigError, UserError, user_errors
 from pbn_gluon.segmentation import (CityscapesSegmentation, checkpoint, epoch_batches,
                                     input_transform, load_config, model_from_config)
 from pbn_gluon.rendezvous import cpu_resource_advice, cpu_resource_env
@@ -32,7 +32,9 @@ from pbn_gluon.segmentation.distributed import Job
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description='Train DeepLab on Cityscapes')
+    parser = ArgumentParser(description='Train DeepLab on Cityscapes (a user error is one line '
+                                        'on stderr, exit code 2; PBN_GLUON_DEBUG=1 or --debug: '
+                                        'its traceback)')
     parser.add_argument('--config', required=True, help='YAML experiment config')
     parser.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE',
                         help='override config keys (values in YAML syntax)')
@@ -62,15 +64,63 @@ def ensure_cpu_resources(job):
     os.execve(sys.executable, [sys.executable] + sys.argv, env)
 
 
+def cut_metrics(path, iteration):
+    """Keep the records of iterations up to `iteration` (the checkpoint's) in the metrics log: a
+    killed run logged iterations after its last checkpoint, which the resumed run logs again.
+    A line cut short by the kill is dropped. Rewritten atomically."""
+    if not os.path.isfile(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get('iter', 0) <= iteration:
+                keep.append(line.rstrip('\n') + '\n')
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """metrics.jsonl, created at the first record: a run that fails before its first
+    iteration leaves no file behind."""
+
+    def __init__(self, path):
+        self.path, self._file = path, None
+
+    def write(self, record):
+        if self._file is None:
+            os.makedirs(os.path.dirname(self.path) or '.', exist_ok=True)
+            self._file = open(self.path, 'a')
+        self._file.write(json.dumps(record) + '\n')
+        self._file.flush()
+
+
 def main():
     args = parse_args()
-    try:
-        cfg = load_config(args.config, args.set)
-    except ValueError as err:
-        sys.exit('%s: %s' % (sys.argv[0], err))
+    with user_errors('train.py'):
+        train(args)
+
+
+def train(args):
+    cfg = load_config(args.config, args.set)
     job = Job(cfg.backend, cfg.gpus, cfg.devices)
     ensure_cpu_resources(job)
     ctx = job.contexts
+    layout = {'model': cfg.model, 'backbone': cfg.backbone, 'norm': cfg.norm,
+              'backend': cfg.backend, 'devices': job.size}
+
+    # a checkpoint to resume must fit the config: checked before anything is built
+    last = checkpoint.latest(cfg.run_dir)
+    if last and not args.resume:
+        raise UserError('%s already holds a checkpoint (%s): add --resume to continue it, or '
+                        'choose another run_dir' % (cfg.run_dir, last))
+    if last:
+        checkpoint.check_layout(last, layout, has_sync=cfg.norm in ('pbn', 'syncbn'))
 
     # data: each global batch holds batch_size images per device of the job, in rank order
     trainset = CityscapesSegmentation(cfg.data_root, cfg.train_split, 'train', input_transform(),
@@ -78,6 +128,11 @@ def main():
                                       seed=cfg.seed)
     global_batch = cfg.batch_size * job.size
     local = slice(job.rank_offset * cfg.batch_size, (job.rank_offset + len(ctx)) * cfg.batch_size)
+    if len(trainset) < global_batch:
+        raise ConfigError('%s has %d training images (split %s), fewer than one global batch of '
+                          '%d (batch_size %d x %d devices): add images or lower batch_size or '
+                          'devices' % (cfg.data_root, len(trainset), cfg.train_split,
+                                       global_batch, cfg.batch_size, job.size))
     iters_per_epoch = cfg.overfit_batches or len(trainset) // global_batch
     total_iters = cfg.epochs * iters_per_epoch
 
@@ -96,20 +151,17 @@ def main():
     sync = pbn_gluon.StatsSync(net, job.comm) if cfg.norm in ('pbn', 'syncbn') else None
 
     start_epoch, iteration = 0, 0
-    last = checkpoint.latest(cfg.run_dir)
-    if last and not args.resume:
-        sys.exit('%s already holds a checkpoint: add --resume, or choose another run_dir'
-                 % cfg.run_dir)
+    log = MetricsLog(os.path.join(cfg.run_dir, 'metrics.jsonl'))
     if last:
         start_epoch, iteration = checkpoint.load(last, net, trainer, ctx, sync, job.comm)
+        if job.is_root:     # each iteration once in the log
+            cut_metrics(log.path, iteration)
     if cfg.hybridize:
         net.hybridize(static_alloc=True)
     if job.is_root:
-        os.makedirs(cfg.run_dir, exist_ok=True)
         print('%s: %s-%s, norm %s, %d device(s) x %d image(s), %d iterations per epoch, '
               'epochs %d..%d' % (cfg.name, cfg.model, cfg.backbone, cfg.norm, job.size,
                                  cfg.batch_size, iters_per_epoch, start_epoch, cfg.epochs - 1))
-        log = open(os.path.join(cfg.run_dir, 'metrics.jsonl'), 'a')
 
     for epoch in range(start_epoch, cfg.epochs):
         seed_epoch(cfg.seed, epoch)
@@ -136,11 +188,11 @@ def main():
                           'step_s': round(time.time() - tic, 4)}
                 if sync is not None and sync.pbn:   # steps whose global moments were left out
                     record['nonfinite_stats_steps'] = sync.nonfinite_steps
-                log.write(json.dumps(record) + '\n')
-                log.flush()
+                log.write(record)
         sync_state = checkpoint.gather_sync_state(sync, job.comm) if sync is not None else None
         if job.is_root:
-            path = checkpoint.save(cfg.run_dir, epoch + 1, iteration, net, trainer, sync_state)
+            path = checkpoint.save(cfg.run_dir, epoch + 1, iteration, net, trainer, sync_state,
+                                   layout)
             progress.write('epoch %d done, checkpoint %s' % (epoch, path))
     mx.nd.waitall()
 

@@ -69,8 +69,9 @@ def test_launcher_stops_the_job_when_a_worker_dies():
     assert time.time() - start < 100
 
 
-def test_syncbn_on_cpu_contexts_warns_when_resource_copies_are_too_few(monkeypatch):
-    """Too few MXNet CPU resource copies let devices of one process wait on each other."""
+def test_syncbn_on_cpu_contexts_fails_fast_when_resource_copies_are_too_few(monkeypatch):
+    """Too few MXNet CPU resource copies let devices of one process wait on each other: StatsSync
+    refuses to start, with one line that says what to set (not a warning and a stall)."""
     ctxs = [mx.cpu(i) for i in range(8)]
     monkeypatch.delenv('MXNET_CPU_TEMP_COPY', raising=False)
     monkeypatch.setenv('MXNET_CPU_PARALLEL_RAND_COPY', '64')
@@ -80,8 +81,11 @@ def test_syncbn_on_cpu_contexts_warns_when_resource_copies_are_too_few(monkeypat
     monkeypatch.setenv('MXNET_CPU_PARALLEL_RAND_COPY', '1')
     layer = pbn_gluon.SyncBatchNorm(in_channels=3)
     layer.initialize(ctx=ctxs[:2])
-    with pytest.warns(UserWarning, match='MXNET_CPU_PARALLEL_RAND_COPY=16 MXNET_CPU_TEMP_COPY=4096'):
+    with pytest.raises(pbn_gluon.rendezvous.CPUResourceError,
+                       match='set MXNET_CPU_PARALLEL_RAND_COPY=16 MXNET_CPU_TEMP_COPY=4096 in the '
+                             'environment before mxnet is imported') as raised:
         pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs[:2]))
+    assert '\n' not in str(raised.value)
     monkeypatch.setenv('MXNET_CPU_TEMP_COPY', '16384')
     monkeypatch.setenv('MXNET_CPU_PARALLEL_RAND_COPY', '64')
     assert pbn_gluon.rendezvous.cpu_resource_advice(ctxs) is None

@@ -5,7 +5,9 @@ import types
 
 import yaml
 
-__all__ = ['KEYS', 'load_config', 'describe']
+from ..errors import ConfigError, one_line
+
+__all__ = ['KEYS', 'load_config', 'describe', 'check_values', 'ConfigError']
 
 #: key -> (default, meaning). A default of REQUIRED must be given.
 REQUIRED = object()
@@ -33,10 +35,10 @@ KEYS = {
     'pbn_steps': (1000, 'PBN: iterations the ramp lasts'),
     'pbn_final': (None, 'PBN: final local weight (null: 1/G)'),
     'pbn_group_size': (None, 'PBN: devices pooled, null (all), an int, or {iteration: size}'),
-    'pbn_global_momentum': (0.0, 'PBN: exponential average of the exchanged moments over '
-                                 'steps (0: the previous step alone)'),
-    'pbn_backward': ('local', 'PBN backward: local (the paper) | progressive (mixes the '
-                              'exchanged dy statistics in)'),
+    'pbn_global_momentum': (0.8, 'PBN: exponential average of the exchanged moments over '
+                                 'steps (0: the paper, the previous step alone)'),
+    'pbn_backward': ('progressive', 'PBN backward: progressive (mixes the exchanged dy '
+                                    'statistics in) | local (the paper)'),
     # devices
     'backend': ('local', 'local (one process) | horovod (horovodrun) | kvstore (dist_sync, '
                          'python -m pbn_gluon.launch)'),
@@ -64,6 +66,121 @@ CHOICES = {'model': ('deeplab', 'deeplabplus'), 'norm': ('bn', 'syncbn', 'pbn', 
            'pbn_backward': ('local', 'progressive'),
            'backend': ('local', 'horovod', 'kvstore')}
 
+#: backbones of each model (pbn_gluon.segmentation.models.MODELS)
+BACKBONES = {'deeplab': ('resnet50', 'resnet101', 'resnet152'), 'deeplabplus': ('xception',)}
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value):
+    """value as a float, or None when it is not a number (YAML 1.1 reads 1e-4 as a string)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _int(lowest):
+    def check(value):
+        return value if _is_int(value) and value >= lowest else _BAD
+    check.allowed = 'an integer >= %d' % lowest
+    return check
+
+
+def _float(lowest=None, highest=None, low_open=False, high_open=False, optional=False):
+    def check(value):
+        if value is None and optional:
+            return None
+        number = _number(value)
+        if number is None or number != number:
+            return _BAD
+        if lowest is not None and (number < lowest or (low_open and number == lowest)):
+            return _BAD
+        if highest is not None and (number > highest or (high_open and number == highest)):
+            return _BAD
+        return number
+    if highest is None:
+        bounds = '%s %s' % ('>' if low_open else '>=', lowest)
+    else:
+        bounds = 'in %s%s, %s%s' % ('(' if low_open else '[', lowest, highest,
+                                    ')' if high_open else ']')
+    check.allowed = 'a number %s%s' % (bounds, ' or null' if optional else '')
+    return check
+
+
+def _string(optional=False):
+    def check(value):
+        if value is None and optional:
+            return None
+        return value if isinstance(value, str) and value.strip() else _BAD
+    check.allowed = 'a non-empty string%s' % (' or null' if optional else '')
+    return check
+
+
+def _bool(value):
+    return value if isinstance(value, bool) else _BAD
+
+
+_bool.allowed = 'true or false'
+
+
+def _local_weight(value):
+    if value in ('linear', 'cosine'):
+        return value
+    number = _number(value) if not isinstance(value, str) else None
+    return number if number is not None and 0 < number <= 1 else _BAD
+
+
+_local_weight.allowed = 'linear, cosine or a number in (0, 1]'
+
+
+def _group_size(value):
+    if value is None or (_is_int(value) and value >= 1):
+        return value
+    if isinstance(value, dict) and value and all(
+            _is_int(k) and k >= 0 and _is_int(v) and v >= 1 for k, v in value.items()):
+        return value
+    return _BAD
+
+
+_group_size.allowed = 'null, an integer >= 1 or a mapping {iteration: size} of integers'
+
+
+def _scales(value):
+    if isinstance(value, (list, tuple)) and value:
+        numbers = [_number(v) if not isinstance(v, str) else None for v in value]
+        if all(n is not None and n > 0 for n in numbers):
+            return numbers
+    return _BAD
+
+
+_scales.allowed = 'a non-empty list of positive numbers'
+
+_BAD = object()
+
+#: key -> check(value): the value to use, or _BAD; check.allowed says what is
+CHECKS = {
+    'data_root': _string(), 'train_split': _string(), 'val_split': _string(),
+    'base_size': _int(1), 'crop_size': _int(1), 'workers': _int(0),
+    'backbone': _string(), 'pretrained_base': _string(optional=True), 'aux': _bool,
+    'aux_weight': _float(0), 'gn_groups': _int(1), 'pbn_local_weight': _local_weight,
+    'pbn_start': _int(0), 'pbn_steps': _int(1),
+    'pbn_final': _float(0, 1, low_open=True, optional=True), 'pbn_group_size': _group_size,
+    'pbn_global_momentum': _float(0, 1, high_open=True), 'gpus': _int(0), 'devices': _int(1),
+    'batch_size': _int(1), 'hybridize': _bool, 'epochs': _int(1),
+    'lr': _float(0, low_open=True), 'lr_power': _float(0), 'momentum': _float(0, 1, high_open=True),
+    'weight_decay': _float(0), 'seed': _int(0), 'run_dir': _string(optional=True),
+    'log_interval': _int(1), 'overfit_batches': _int(0), 'eval_scales': _scales,
+}
+
 
 def describe():
     """The valid keys with their defaults and meaning, one per line."""
@@ -72,33 +189,82 @@ def describe():
 
 
 def _check_keys(keys, where):
-    unknown = sorted(set(keys) - set(KEYS))
+    unknown = sorted(set(map(str, keys)) - set(KEYS))
     if unknown:
-        raise ValueError('unknown config key%s %s in %s; valid keys:\n%s' % (
-            's' if len(unknown) > 1 else '', ', '.join(map(repr, unknown)), where, describe()))
+        raise ConfigError('unknown config key%s %s in %s; valid keys: %s' % (
+            's' if len(unknown) > 1 else '', ', '.join(map(repr, unknown)), where,
+            ', '.join(KEYS)))
+
+
+def _bad_value(where, key, value, allowed):
+    return ConfigError('%s: %s=%s is not allowed: %s must be %s'
+                       % (where, key, _show(value), key, allowed))
+
+
+def _show(value):
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + '...'
+
+
+def check_values(values, sources):
+    """Check and convert every value of `values` (key -> value, modified in place); `sources`
+    says where each key was set. Raises ConfigError naming the key, the value and what is
+    allowed."""
+    for key, value in values.items():
+        where = sources.get(key, 'config')
+        if key in CHOICES:
+            if value not in CHOICES[key]:
+                raise _bad_value(where, key, value, 'one of %s' % ', '.join(CHOICES[key]))
+            continue
+        checked = CHECKS[key](value)
+        if checked is _BAD:
+            raise _bad_value(where, key, value, CHECKS[key].allowed)
+        values[key] = checked
+    model = values.get('model', KEYS['model'][0])
+    backbone = values.get('backbone', KEYS['backbone'][0])
+    if backbone not in BACKBONES[model]:
+        raise ConfigError('%s: backbone=%s is not allowed with model=%s: %s takes backbone %s'
+                          % (sources.get('backbone', sources.get('model', 'config')),
+                             _show(backbone), model, model, ' or '.join(BACKBONES[model])))
 
 
 def load_config(path, overrides=()):
     """A namespace of every key: the defaults, then the YAML file `path`, then the ``key=value``
-    strings of `overrides`. ``name`` is the file's name without extension."""
-    with open(path) as f:
-        values = yaml.safe_load(f) or {}
+    strings of `overrides`. ``name`` is the file's name without extension. Every value is
+    checked (type and range): a ConfigError (a ValueError) names the key, the value and what is
+    allowed; a config file that is missing or not YAML is a ConfigError naming it."""
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f)
+    except OSError as err:
+        raise ConfigError('cannot read config file %s: %s' % (path, err.strerror or err)) from err
+    except yaml.YAMLError as err:
+        mark = getattr(err, 'problem_mark', None)
+        raise ConfigError('config file %s is not valid YAML%s: %s' % (
+            path, ' (line %d, column %d)' % (mark.line + 1, mark.column + 1) if mark else '',
+            getattr(err, 'problem', None) or one_line(err))) from err
+    if values is None:
+        values = {}
     if not isinstance(values, dict):
-        raise ValueError('%s must be a mapping of config keys' % path)
+        raise ConfigError('%s must be a mapping of config keys (key: value lines), got %s'
+                          % (path, type(values).__name__))
     _check_keys(values, path)
+    sources = {key: path for key in values}
     for item in overrides:
         key, sep, text = item.partition('=')
         if not sep:
-            raise ValueError('--set takes key=value, got %r' % item)
-        _check_keys([key.strip()], '--set')
-        values[key.strip()] = yaml.safe_load(text)
+            raise ConfigError('--set takes key=value, got %r' % item)
+        key = key.strip()
+        _check_keys([key], '--set')
+        try:
+            values[key] = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError('--set %s: %r is not a YAML value' % (key, text)) from err
+        sources[key] = '--set'
     missing = [k for k, (d, _) in KEYS.items() if d is REQUIRED and values.get(k) is None]
     if missing:
-        raise ValueError('%s: required config key(s) %s not set' % (path, ', '.join(missing)))
-    for key, allowed in CHOICES.items():
-        if key in values and values[key] not in allowed:
-            raise ValueError('%s: %s must be one of %s, got %r'
-                             % (path, key, ', '.join(allowed), values[key]))
+        raise ConfigError('%s: required config key(s) %s not set' % (path, ', '.join(missing)))
+    check_values(values, sources)
     cfg = types.SimpleNamespace(**{k: d for k, (d, _) in KEYS.items()})
     cfg.__dict__.update(values)
     cfg.name = os.path.splitext(os.path.basename(path))[0]

@@ -16,6 +16,8 @@ from gluoncv.data.segbase import SegmentationDataset
 from mxnet.gluon.data.vision import transforms
 from PIL import Image, ImageFile
 
+from ..errors import ConfigError, DataError, DataNotFoundError
+
 __all__ = ['IGNORE_LABEL', 'CityscapesSegmentation', 'to_train_ids', 'to_label_ids',
            'input_transform', 'epoch_batches', 'read_image']
 
@@ -52,7 +54,7 @@ def read_image(path, mode=None):
             img.load()
             return img.convert(mode) if mode else img.copy()
     except (OSError, SyntaxError, ValueError) as err:
-        raise OSError('cannot read image %s: %s' % (path, err)) from err
+        raise DataError('cannot read image %s: %s' % (path, err)) from err
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = accept_truncated
 
@@ -71,16 +73,16 @@ def find_pairs(root, split):
     label_dir = os.path.join(root, 'gtFine', split)
     for directory in (root, image_dir, label_dir):
         if not os.path.isdir(directory):
-            raise FileNotFoundError('Cityscapes: missing directory %s (%s)' % (directory, layout))
+            raise DataNotFoundError('Cityscapes: missing directory %s (%s)' % (directory, layout))
     images = sorted(glob.glob(os.path.join(image_dir, '*', '*_leftImg8bit.png')))
     if not images:
-        raise FileNotFoundError('Cityscapes: no image in %s (%s)' % (image_dir, layout))
+        raise DataNotFoundError('Cityscapes: no image in %s (%s)' % (image_dir, layout))
     labels = [os.path.join(label_dir, os.path.basename(os.path.dirname(p)),
                            os.path.basename(p)[:-len('leftImg8bit.png')] + 'gtFine_labelIds.png')
               for p in images]
     lacking = [(i, l) for i, l in zip(images, labels) if not os.path.isfile(l)]
     if lacking:
-        raise FileNotFoundError('Cityscapes: %d of %d images of %s have no label file: %s'
+        raise DataNotFoundError('Cityscapes: %d of %d images of %s have no label file: %s'
                                 % (len(lacking), len(images), image_dir, '; '.join(
                                     '%s (no %s)' % pair for pair in lacking[:5])))
     return images, labels
@@ -146,7 +148,8 @@ def epoch_batches(num_images, batch_size, seed, epoch, shuffle=True):
     """The global batches of an epoch: image indices permuted from (seed, epoch) and cut into
     batches of batch_size (an incomplete last batch is dropped). The same on every process."""
     if num_images < batch_size:
-        raise ValueError('%d images cannot fill one batch of %d' % (num_images, batch_size))
+        raise ConfigError('%d images cannot fill one batch of %d (batch_size x devices): add '
+                          'images or lower batch_size or devices' % (num_images, batch_size))
     order = (np.random.RandomState([seed, epoch]).permutation(num_images) if shuffle
              else np.arange(num_images))
     return [order[i:i + batch_size].tolist()

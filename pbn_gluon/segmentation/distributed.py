@@ -11,6 +11,7 @@ import mxnet as mx
 from mxnet import gluon
 
 from ..comm import HorovodComm, KVStoreComm, LocalComm
+from ..errors import ConfigError
 
 __all__ = ['Job']
 
@@ -33,7 +34,7 @@ class Job:
             self.comm = LocalComm(self.contexts)
         elif backend == 'horovod':
             if gpus > 1 or (not gpus and devices != 1):
-                raise ValueError('backend horovod runs one device per process: set gpus: 1 or '
+                raise ConfigError('backend horovod runs one device per process: set gpus: 1 or '
                                  'gpus: 0 and devices: 1, and start one process per device')
             import horovod.mxnet as hvd
             hvd.init()
@@ -45,7 +46,7 @@ class Job:
             self.contexts = _local_contexts(gpus, devices)
             self.comm = KVStoreComm(self._kvstore, self.contexts)
         else:
-            raise ValueError('unknown backend %r: local, horovod or kvstore' % backend)
+            raise ConfigError('unknown backend %r: local, horovod or kvstore' % backend)
         self.size, self.rank_offset = self.comm.size, self.comm.rank_offset
         self.in_process = backend == 'local'
         self.is_root = self.rank_offset == 0

@@ -7,6 +7,7 @@ import mxnet as mx
 from gluoncv.model_zoo.deeplabv3 import DeepLabV3
 from gluoncv.model_zoo.deeplabv3_plus import DeepLabV3Plus
 
+from ..errors import ConfigError, DataNotFoundError
 from .data import CityscapesSegmentation
 from .norms import get_norm_layer, pbn_local_weight
 
@@ -31,10 +32,10 @@ def get_segmentation_model(model='deeplab', backbone='resnet101', norm='bn', ctx
     ImageNet backbone (see load_backbone). initialize=False only builds the network.
     """
     if model not in MODELS:
-        raise ValueError('unknown model %r: choose one of %s' % (model, ', '.join(MODELS)))
+        raise ConfigError('unknown model %r: choose one of %s' % (model, ', '.join(MODELS)))
     cls, backbones = MODELS[model]
     if backbone not in backbones:
-        raise ValueError('%s takes backbone %s, got %r'
+        raise ConfigError('%s takes backbone %s, got %r'
                          % (model, ' or '.join(backbones), backbone))
     ctx = list(ctx)
     norm_layer = get_norm_layer(norm, ctx, in_process, gn_groups, pbn_kwargs)
@@ -58,13 +59,13 @@ def load_backbone(net, path, ctx):
     GluonCV ImageNet model (e.g. resnet101_v1s: its layers have the same names in DeepLab).
     Every backbone parameter must be in the file; extra entries (the classifier) are ignored."""
     if not os.path.isfile(path):
-        raise FileNotFoundError('pretrained_base: no such file %s (nothing is downloaded: give '
+        raise DataNotFoundError('pretrained_base: no such file %s (nothing is downloaded: give '
                                 'a local .params file of the ImageNet backbone)' % path)
     saved = mx.nd.load(path)
     names = [n for n in net._collect_params_with_prefix() if n.split('.')[0] not in HEADS]
     missing = [n for n in names if n not in saved]
     if missing:
-        raise ValueError('%s does not hold this backbone: %d of its %d parameters are missing '
+        raise ConfigError('%s does not hold this backbone: %d of its %d parameters are missing '
                          '(e.g. %s)' % (path, len(missing), len(names), ', '.join(missing[:3])))
     net.load_parameters(path, ctx=ctx, allow_missing=True, ignore_extra=True)
 
