@@ -56,7 +56,7 @@ def main():
                                     base_size=cfg.base_size, crop_size=cfg.crop_size)
     net = get_segmentation_model(cfg.model, cfg.backbone, 'gn' if cfg.norm == 'gn' else 'bn', ctx,
                                  aux=cfg.aux, crop_size=cfg.crop_size, base_size=cfg.base_size,
-                                 gn_groups=cfg.gn_groups)
+                                 gn_groups=cfg.gn_groups, aspp_rates=cfg.aspp_rates)
     params = model_params(args.checkpoint)
     net.load_parameters(params, ctx=ctx)
     if cfg.hybridize:

@@ -66,9 +66,10 @@ def restore_sync_state(path, sync, comm):
             offset += n
 
 
-def save(run_dir, epoch, iteration, net, trainer, sync_state=None):
+def save(run_dir, epoch, iteration, net, trainer, sync_state=None, keep_old=False):
     """Write the checkpoint taken after `epoch` epochs (`iteration` iterations); returns its
-    directory. sync_state: what gather_sync_state returned, if the net has a StatsSync."""
+    directory. sync_state: what gather_sync_state returned, if the net has a StatsSync.
+    keep_old: keep the earlier checkpoints (default: removed)."""
     root = os.path.join(run_dir, 'checkpoints')
     name = 'epoch_%04d' % epoch
     final, tmp = os.path.join(root, name), os.path.join(root, name + '.tmp')
@@ -85,7 +86,7 @@ def save(run_dir, epoch, iteration, net, trainer, sync_state=None):
     write_json(os.path.join(run_dir, POINTER), {'epoch': epoch, 'iteration': iteration,
                                                 'path': os.path.join('checkpoints', name)})
     for old in os.listdir(root):
-        if old != name:
+        if old != name and not (keep_old and not old.endswith('.tmp')):
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     return final
 
