@@ -24,6 +24,7 @@ made by different commits are not put in one table unless --allow-mixed-commits.
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -412,6 +413,8 @@ def ensure_data():
 
 def main(argv=None):
     args = parse_args(argv)
+    # killed (SIGTERM) like interrupted: the running training is stopped with the study
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     os.chdir(ROOT)
     sys.path.insert(0, ROOT)
     commit = git_commit()
