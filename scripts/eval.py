@@ -59,7 +59,7 @@ def evaluate(args):
                                     base_size=cfg.base_size, crop_size=cfg.crop_size)
     net = get_segmentation_model(cfg.model, cfg.backbone, 'gn' if cfg.norm == 'gn' else 'bn', ctx,
                                  aux=cfg.aux, crop_size=cfg.crop_size, base_size=cfg.base_size,
-                                 gn_groups=cfg.gn_groups)
+                                 gn_groups=cfg.gn_groups, aspp_rates=cfg.aspp_rates)
     params = model_params(args.checkpoint)
     load_params(net, params, ctx, 'give eval.py another checkpoint (--checkpoint: a .params '
                 'file, a checkpoint directory or a run directory)')

@@ -121,10 +121,11 @@ def restore_sync_state(path, sync, comm):
             offset += n
 
 
-def save(run_dir, epoch, iteration, net, trainer, sync_state=None, layout=None):
+def save(run_dir, epoch, iteration, net, trainer, sync_state=None, layout=None, keep_old=False):
     """Write the checkpoint taken after `epoch` epochs (`iteration` iterations); returns its
     directory. sync_state: what gather_sync_state returned, if the net has a StatsSync;
-    layout: the LAYOUT_KEYS of the run (a resumed run must have the same)."""
+    layout: the LAYOUT_KEYS of the run (a resumed run must have the same); keep_old: keep the
+    earlier checkpoints (default: removed)."""
     root = os.path.join(run_dir, 'checkpoints')
     name = 'epoch_%04d' % epoch
     final, tmp = os.path.join(root, name), os.path.join(root, name + '.tmp')
@@ -166,7 +167,7 @@ def save(run_dir, epoch, iteration, net, trainer, sync_state=None, layout=None):
                 'the previous checkpoint %s is intact' % previous if previous
                 else 'no checkpoint was written')) from err
     for old in os.listdir(root):
-        if old != name:
+        if old != name and not (keep_old and not old.endswith('.tmp')):
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     return final
 

@@ -23,7 +23,8 @@ KEYS = {
     # model
     'model': ('deeplab', 'deeplab (DeepLabV3, ResNet) or deeplabplus (DeepLabV3+, Xception-65)'),
     'backbone': ('resnet101', 'resnet50 | resnet101 | resnet152 (deeplab); xception '
-                              '(deeplabplus)'),
+                              '(deeplabplus); resnet18 | resnet34 (deeplab, GluonCV v1b)'),
+    'aspp_rates': ([12, 24, 36], 'atrous rates of the ASPP (resnet18 / resnet34 backbones)'),
     'norm': ('bn', 'bn (per device) | syncbn (global, synchronous) | pbn (progressive) | gn'),
     'pretrained_base': (None, 'local .params file of the ImageNet backbone; null: from scratch'),
     'aux': (True, 'auxiliary FCN head on the third stage'),
@@ -55,6 +56,7 @@ KEYS = {
     # run
     'seed': (0, 'seed of initialization, data order, augmentation and dropout'),
     'run_dir': (None, 'checkpoints and metrics.jsonl (null: runs/<config file name>)'),
+    'keep_checkpoints': (False, 'keep every epoch checkpoint (false: only the last)'),
     'log_interval': (1, 'iterations between two lines of metrics.jsonl'),
     'overfit_batches': (0, 'debug: when > 0, every epoch repeats the same first N batches '
                            '(same augmentation), so the loss must go down'),

@@ -1,0 +1,445 @@
+"""The paper's experiment in miniature (issue 16): GluonCV DeepLabV3 on a dilated ResNet-18,
+8 CPU devices, trained by scripts/train.py and evaluated by scripts/eval.py (official
+cityscapesscripts mIoU) for every (norm, images per device, seed), on the digits scenes in the
+Cityscapes layout (scripts/make_fake_cityscapes.py --kind digits).
+
+    python scripts/study.py --quick       # 1 seed, 1 image per device, bn / pbn+ / syncbn
+    python scripts/study.py               # 2 seeds, 1 and 2 images per device, bn / syncbn /
+                                          # pbn / pbn+
+    python scripts/study.py --report      # table and plot of the finished runs only
+
+Every norm of a seed starts from the same weights and sees the same batches; every norm gets the
+same schedule (configs/study_*.yaml differ only in their norm lines; 2 images per device run
+twice the epochs, i.e. the same number of steps). bn, pbn, pbn+ and gn run on 8 CPU contexts of
+one process; syncbn runs one process per device (Horovod over Gloo, 8 processes): on 8 contexts
+of one process it needs MXNet's 16384 temp-space copies, with which DeepLab's memory grows by
+about 1.2 GB a step (README, known limitations), and with fewer it deadlocks.
+
+Resumable: each run lives in RUNS/<norm>_ipd<i>_seed<s>/; a killed study started again skips
+finished trainings and evaluations and continues an unfinished training with train.py --resume.
+Results: OUT/study.json (every run: train loss curve, val mIoU at every epoch that ends at the
+same step for every batch size, wall times, the git commit), OUT/study.png and the table. Runs
+made by different commits are not put in one table unless --allow-mixed-commits.
+"""
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NORM_CONFIGS = {'bn': 'study_bn', 'syncbn': 'study_syncbn', 'pbn': 'study_pbn',
+                'pbn+': 'study_pbnplus', 'gn': 'study_gn'}
+DEVICES = 8
+DATA = {'root': 'data/study_digits', 'num_train': 320, 'num_val': 60, 'size': '64x64',
+        'seed': 0}
+FULL = {'norms': ['bn', 'syncbn', 'pbn', 'pbn+'], 'ipds': [1, 2], 'seeds': [0, 1]}
+QUICK = {'norms': ['bn', 'pbn+', 'syncbn'], 'ipds': [1], 'seeds': [0]}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--quick', action='store_true', help='1 seed, ipd 1, bn / pbn+ / syncbn')
+    parser.add_argument('--norms', nargs='+', choices=sorted(NORM_CONFIGS))
+    parser.add_argument('--ipds', nargs='+', type=int, help='images per device')
+    parser.add_argument('--seeds', nargs='+', type=int)
+    parser.add_argument('--runs', default='runs/study', help='run directories')
+    parser.add_argument('--out', default='docs/results/study', help='study.json and study.png')
+    parser.add_argument('--report', action='store_true',
+                        help='no training: table, JSON and plot of the finished runs')
+    parser.add_argument('--allow-mixed-commits', action='store_true',
+                        help='put runs made by different commits in one table')
+    parser.add_argument('--stall-timeout', type=float, default=1200,
+                        help='stop a training that logs no step for this many seconds')
+    parser.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE',
+                        help='config overrides for every run (e.g. epochs=1 for a smoke test)')
+    args = parser.parse_args(argv)
+    preset = QUICK if args.quick else FULL
+    args.norms = args.norms or preset['norms']
+    args.ipds = args.ipds or preset['ipds']
+    args.seeds = args.seeds if args.seeds is not None else preset['seeds']
+    return args
+
+
+def git_commit():
+    """HEAD's hash, with '+dirty' when tracked files differ from it."""
+    def git(*cmd):
+        return subprocess.run(('git',) + cmd, cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    try:
+        head = git('rev-parse', 'HEAD')
+        dirty = git('status', '--porcelain', '--untracked-files=no')
+    except (OSError, subprocess.CalledProcessError):
+        return 'unknown'
+    return head + ('+dirty' if dirty else '')
+
+
+class MixedCommits(Exception):
+    pass
+
+
+def check_commits(records, allow_mixed=False):
+    """The one commit of `records`; MixedCommits when they come from several (unless allowed,
+    then the sorted list joined by ', ')."""
+    commits = sorted({r['commit'] for r in records})
+    if len(commits) > 1 and not allow_mixed:
+        raise MixedCommits(
+            'runs made by different commits (%s) would go into one table: %s. Rerun them '
+            '(remove their run directories) or pass --allow-mixed-commits' % (
+                ', '.join(commits), '; '.join('%s_ipd%d_seed%d: %s' % (
+                    r['norm'], r['images_per_device'], r['seed'], r['commit'][:12])
+                    for r in records)))
+    return ', '.join(commits) if commits else None
+
+
+# ---------------------------------------------------------------------------------- runs
+
+class Run:
+    """One (norm, images per device, seed): its config, overrides, commands and files."""
+
+    def __init__(self, norm, ipd, seed, runs_dir, extra_set=()):
+        self.norm, self.ipd, self.seed = norm, ipd, seed
+        self.name = '%s_ipd%d_seed%d' % (norm.replace('+', 'plus'), ipd, seed)
+        self.dir = os.path.join(runs_dir, self.name)
+        self.config = os.path.join('configs', NORM_CONFIGS[norm] + '.yaml')
+        self.backend = 'horovod' if norm == 'syncbn' else 'local'
+        import yaml
+        with open(os.path.join(ROOT, self.config)) as f:
+            cfg = yaml.safe_load(f)
+        for item in extra_set:
+            key, _, value = item.partition('=')
+            cfg[key] = yaml.safe_load(value)
+        self.base_epochs = int(cfg['epochs'])
+        self.epochs = self.base_epochs * ipd     # the same number of steps at every ipd
+        self.steps_per_epoch = (cfg.get('overfit_batches') or
+                                DATA['num_train'] // (DEVICES * ipd))
+        self.steps = self.epochs * self.steps_per_epoch
+        overrides = list(extra_set) + [
+            'batch_size=%d' % ipd, 'seed=%d' % seed, 'epochs=%d' % self.epochs,
+            'run_dir=%s' % self.dir, 'data_root=%s' % DATA['root']]
+        self.train_set = overrides + (['backend=horovod', 'devices=1']
+                                      if self.backend == 'horovod' else
+                                      ['backend=local', 'devices=%d' % DEVICES])
+        self.eval_set = overrides + ['backend=local', 'devices=1']
+
+    def eval_epochs(self):
+        """Checkpoints evaluated: the ends of the base epochs (the same steps for every ipd)."""
+        return [k * self.ipd for k in range(1, self.base_epochs + 1)]
+
+    def trained_epochs(self):
+        pointer = os.path.join(self.dir, 'checkpoint.json')
+        if not os.path.isfile(pointer):
+            return 0
+        with open(pointer) as f:
+            return json.load(f)['epoch']
+
+    def checkpoint_dir(self, epoch):
+        return os.path.join(self.dir, 'checkpoints', 'epoch_%04d' % epoch)
+
+    def eval_dir(self, epoch):
+        return os.path.join(self.dir, 'eval_epoch_%04d' % epoch)
+
+    def train_command(self, resume):
+        cmd = [sys.executable, os.path.join('scripts', 'train.py'), '--config', self.config,
+               '--set'] + self.train_set + (['--resume'] if resume else [])
+        if self.backend == 'horovod':
+            from pbn_gluon import jobs
+            cmd = jobs.horovodrun(DEVICES, cmd)
+        return cmd
+
+    def eval_command(self, epoch):
+        return [sys.executable, os.path.join('scripts', 'eval.py'), '--config', self.config,
+                '--set'] + self.eval_set + [
+            '--checkpoint', self.checkpoint_dir(epoch),
+            '--save-dir', os.path.join(self.eval_dir(epoch), 'pred'),
+            '--out', self.eval_dir(epoch)]
+
+    def state_path(self):
+        return os.path.join(self.dir, 'study_run.json')
+
+    def load_state(self):
+        if os.path.isfile(self.state_path()):
+            with open(self.state_path()) as f:
+                return json.load(f)
+        return None
+
+    def save_state(self, state):
+        os.makedirs(self.dir, exist_ok=True)
+        tmp = self.state_path() + '.tmp'
+        with open(tmp, 'w') as f:
+            json.dump(state, f, indent=1)
+        os.replace(tmp, self.state_path())
+
+
+def environment(run):
+    """Every run draws its initial weights with the same MXNet random-generator copies (the 8
+    contexts' setting, whatever the backend), so every norm of a seed starts from the same
+    weights; syncbn's 8 processes share 2 cores, one thread each."""
+    from pbn_gluon.rendezvous import cpu_resource_env
+    env = dict(os.environ)
+    env['MXNET_CPU_PARALLEL_RAND_COPY'] = cpu_resource_env(DEVICES)['MXNET_CPU_PARALLEL_RAND_COPY']
+    env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
+    env['PYTHONUNBUFFERED'] = '1'
+    if run.backend == 'horovod':
+        env['OMP_NUM_THREADS'] = '1'
+    return env
+
+
+def read_metrics(run):
+    path = os.path.join(run.dir, 'metrics.jsonl')
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def last_iteration(run):
+    rows = read_metrics(run)
+    return rows[-1]['iter'] if rows else 0
+
+
+def train(run, bar, stall_timeout):
+    """train.py for `run` (resumed if it has a checkpoint) with the study bar following its
+    metrics.jsonl; returns the wall time. Its output goes to RUN/train.log."""
+    resume = run.trained_epochs() > 0
+    done = last_iteration(run)
+    bar.update(max(0, done - bar.n_run))
+    bar.n_run = done
+    os.makedirs(run.dir, exist_ok=True)
+    tic = time.time()
+    with open(os.path.join(run.dir, 'train.log'), 'a') as log:
+        log.write('\n$ %s\n' % ' '.join(run.train_command(resume)))
+        log.flush()
+        proc = subprocess.Popen(run.train_command(resume), cwd=ROOT, env=environment(run),
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        last_change = time.time()
+        try:
+            while proc.poll() is None:
+                time.sleep(2)
+                it = last_iteration(run)
+                if it > bar.n_run:
+                    bar.update(it - bar.n_run)
+                    bar.n_run, last_change = it, time.time()
+                elif time.time() - last_change > stall_timeout:
+                    os.killpg(proc.pid, 15)
+                    proc.wait()
+                    raise RuntimeError('%s: no step for %.0f s; stopped (see %s)' % (
+                        run.name, stall_timeout, os.path.join(run.dir, 'train.log')))
+        except BaseException:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 15)
+                proc.wait()
+            raise
+    if proc.returncode != 0:
+        raise RuntimeError('%s: train.py exited with %s (see %s)' % (
+            run.name, proc.returncode, os.path.join(run.dir, 'train.log')))
+    it = last_iteration(run)
+    bar.update(max(0, it - bar.n_run))
+    bar.n_run = it
+    return time.time() - tic
+
+
+def evaluate(run, epoch):
+    """eval.py on the checkpoint of `epoch` (official evaluation); its metrics.json."""
+    log_path = os.path.join(run.dir, 'eval.log')
+    with open(log_path, 'a') as log:
+        log.write('\n$ %s\n' % ' '.join(run.eval_command(epoch)))
+        log.flush()
+        result = subprocess.run(run.eval_command(epoch), cwd=ROOT, env=environment(run),
+                                stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise RuntimeError('%s: eval.py exited with %s (see %s)'
+                           % (run.name, result.returncode, log_path))
+    with open(os.path.join(run.eval_dir(epoch), 'metrics.json')) as f:
+        return json.load(f)
+
+
+def record(run, state):
+    """The run's result record (for study.json) from its files."""
+    metrics = read_metrics(run)
+    step_s = ([m['step_s'] for m in metrics if m['iter'] > max(5, run.steps // 10)] or
+              [m['step_s'] for m in metrics])      # warm steps (all in a very short run)
+    curve = []
+    for epoch in run.eval_epochs():
+        path = os.path.join(run.eval_dir(epoch), 'metrics.json')
+        if os.path.isfile(path):
+            with open(path) as f:
+                m = json.load(f)
+            curve.append({'epoch': epoch, 'iter': epoch * run.steps_per_epoch,
+                          'miou': m['mIoU'], 'miou_official': m.get('mIoU_official'),
+                          'miou_gluoncv': m['mIoU_gluoncv'], 'pix_acc': m['pixAcc']})
+    finished = len(curve) == len(run.eval_epochs())
+    return {'norm': run.norm, 'images_per_device': run.ipd, 'seed': run.seed,
+            'devices': DEVICES, 'backend': run.backend, 'config': run.config,
+            'overrides': run.train_set, 'steps': run.steps, 'epochs': run.epochs,
+            'status': 'ok' if finished else 'unfinished', 'commit': state['commit'],
+            'miou': curve[-1]['miou'] if finished else None,
+            'step_s': float(np.median(step_s)) if step_s else None,
+            'train_wall_s': state.get('train_wall_s'), 'eval_wall_s': state.get('eval_wall_s'),
+            'loss_curve': [[m['iter'], m['loss']] for m in metrics], 'val_curve': curve}
+
+
+def run_one(run, bar, args, commit):
+    """Train (or resume), then evaluate every point not yet evaluated; the run's record."""
+    state = run.load_state()
+    if state is not None and state['commit'] != commit and not args.allow_mixed_commits:
+        raise MixedCommits('%s was started by commit %s, this is %s: remove %s to rerun it, '
+                           'or pass --allow-mixed-commits' % (run.name, state['commit'], commit,
+                                                              run.dir))
+    if state is None:
+        state = {'commit': commit, 'train_wall_s': 0.0, 'eval_wall_s': 0.0}
+        run.save_state(state)
+    bar.set_description(run.name)
+    bar.n_run = 0
+    if run.trained_epochs() < run.epochs:
+        state['train_wall_s'] += train(run, bar, args.stall_timeout)
+        run.save_state(state)
+    else:
+        bar.update(run.steps)
+    for epoch in run.eval_epochs():
+        if os.path.isfile(os.path.join(run.eval_dir(epoch), 'metrics.json')):
+            continue
+        tic = time.time()
+        evaluate(run, epoch)
+        state['eval_wall_s'] += time.time() - tic
+        run.save_state(state)
+    for epoch in range(1, run.epochs):     # evaluated: only the last checkpoint stays
+        if os.path.isdir(run.checkpoint_dir(epoch)):
+            import shutil
+            shutil.rmtree(run.checkpoint_dir(epoch), ignore_errors=True)
+    return record(run, state)
+
+
+# ---------------------------------------------------------------------------------- report
+
+def summarize(records, norms, ipds):
+    """Rows (norm, backend, ipd, mean, spread, gain share, step_s, ratio to bn, runs)."""
+    rows = []
+    for ipd in ipds:
+        ok = [r for r in records if r['images_per_device'] == ipd and r['status'] == 'ok']
+        mean_of = lambda n: (np.mean([r['miou'] for r in ok if r['norm'] == n])
+                             if any(r['norm'] == n for r in ok) else float('nan'))
+        bn, sync = mean_of('bn'), mean_of('syncbn')
+        bn_steps = [r['step_s'] for r in ok if r['norm'] == 'bn']
+        bn_step = float(np.median(bn_steps)) if bn_steps else float('nan')
+        for norm in norms:
+            rs = [r for r in ok if r['norm'] == norm]
+            if not rs:
+                continue
+            miou = np.array([r['miou'] for r in rs])
+            step = float(np.median([r['step_s'] for r in rs]))
+            gain = (miou.mean() - bn) / (sync - bn) if sync != bn else float('nan')
+            rows.append((norm, rs[0]['backend'], ipd, float(miou.mean()), float(miou.std()),
+                         float(gain), step, step / bn_step, len(rs)))
+    return rows
+
+
+def format_table(rows):
+    head = '%-7s %4s %8s %8s  %-17s %8s %10s %8s %6s' % (
+        'norm', 'ipd', 'batch', 'backend', 'val mIoU', 'gain', 'step [ms]', 'vs bn', 'runs')
+    lines = [head, '-' * len(head)]
+    for norm, backend, ipd, mean, spread, gain, step, ratio, n in rows:
+        lines.append('%-7s %4d %8s %8s  %-17s %8s %10.1f %8s %6d' % (
+            norm, ipd, '%d/dev' % ipd, backend, '%.4f +- %.4f' % (mean, spread),
+            '%.0f%%' % (100 * gain) if np.isfinite(gain) else 'n/a', 1000 * step,
+            '%.2fx' % ratio if np.isfinite(ratio) else 'n/a', n))
+    return '\n'.join(lines)
+
+
+def plot(records, norms, ipds, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    colors = {'bn': 'tab:red', 'syncbn': 'tab:blue', 'pbn': 'tab:green', 'pbn+': 'tab:olive',
+              'gn': 'tab:gray'}
+    fig, axes = plt.subplots(1, len(ipds), figsize=(5.5 * len(ipds), 4.2), squeeze=False)
+    for ax, ipd in zip(axes[0], ipds):
+        for norm in norms:
+            rs = [r for r in records if r['norm'] == norm and r['images_per_device'] == ipd
+                  and r['status'] == 'ok']
+            if not rs:
+                continue
+            its = [p['iter'] for p in rs[0]['val_curve']]
+            m = np.array([[p['miou'] for p in r['val_curve']] for r in rs])
+            ax.errorbar(its, m.mean(0), yerr=m.std(0), marker='o', capsize=3,
+                        color=colors.get(norm), label='%s (%d seed%s)' % (
+                            norm, len(rs), 's' if len(rs) > 1 else ''))
+        ax.set_title('DeepLabV3-ResNet18, %d device(s) x %d image(s)' % (DEVICES, ipd))
+        ax.set_xlabel('iteration')
+        ax.set_ylabel('val mIoU (official, running stats)')
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def report(records, args, commit, wall_s):
+    """study.json, study.png and the table (returned)."""
+    finished = [r for r in records if r['status'] == 'ok']
+    commits = check_commits(finished, args.allow_mixed_commits)
+    rows = summarize(finished, args.norms, args.ipds)
+    table = format_table(rows)
+    os.makedirs(args.out, exist_ok=True)
+    study = {'commit': commits or commit, 'preset': 'quick' if args.quick else 'full',
+             'norms': args.norms, 'images_per_device': args.ipds, 'seeds': args.seeds,
+             'devices': DEVICES, 'data': DATA, 'overrides': args.set,
+             'wall_s': wall_s, 'train_wall_s': sum(r['train_wall_s'] or 0 for r in records),
+             'eval_wall_s': sum(r['eval_wall_s'] or 0 for r in records),
+             'table': [dict(zip(('norm', 'backend', 'images_per_device', 'miou_mean',
+                                 'miou_std', 'gain_share', 'step_s', 'step_vs_bn', 'runs'), row))
+                       for row in rows],
+             'runs': records}
+    with open(os.path.join(args.out, 'study.json'), 'w') as f:
+        json.dump(study, f, indent=1)
+    if finished:
+        plot(finished, args.norms, args.ipds, os.path.join(args.out, 'study.png'))
+    return table
+
+
+def ensure_data():
+    root = os.path.join(ROOT, DATA['root'])
+    if os.path.isdir(root):
+        return
+    subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'make_fake_cityscapes.py'),
+                    '--kind', 'digits', '--out', root, '--num-train', str(DATA['num_train']),
+                    '--num-val', str(DATA['num_val']), '--size', DATA['size'],
+                    '--seed', str(DATA['seed'])], check=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # killed (SIGTERM) like interrupted: the running training is stopped with the study
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    os.chdir(ROOT)
+    sys.path.insert(0, ROOT)
+    commit = git_commit()
+    runs = [Run(norm, ipd, seed, args.runs, args.set)
+            for seed in args.seeds for ipd in args.ipds for norm in args.norms]
+    tic = time.time()
+    try:
+        if args.report:
+            records = [record(r, r.load_state()) for r in runs if r.load_state() is not None]
+        else:
+            ensure_data()
+            from tqdm import tqdm
+            bar = tqdm(total=sum(r.steps for r in runs), unit='step', dynamic_ncols=True)
+            records = []
+            with bar:
+                for run in runs:
+                    records.append(run_one(run, bar, args, commit))
+        table = report(records, args, commit, round(time.time() - tic, 1))
+    except (MixedCommits, RuntimeError) as err:
+        sys.exit('%s: %s' % (os.path.basename(sys.argv[0]), err))
+    print(table)
+    print('wrote %s and %s' % (os.path.join(args.out, 'study.json'),
+                               os.path.join(args.out, 'study.png')))
+    print('study wall %.1f s' % (time.time() - tic))
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,124 @@
+"""scripts/study.py (issue 16): the runner refuses to put runs of different commits in one
+table; the study's config trains DeepLabV3-ResNet18 on the digits scenes (2 devices, a few
+iterations) and evaluates it with the official Cityscapes evaluation."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STUDY = os.path.join(REPO, 'scripts', 'study.py')
+
+
+def load_study():
+    spec = importlib.util.spec_from_file_location('study', STUDY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_finished_run(study, runs_dir, norm, commit, miou):
+    """A run directory as study.py leaves a finished run (no training: files only)."""
+    run = study.Run(norm, 1, 0, str(runs_dir), ['epochs=1', 'overfit_batches=2'])
+    run.save_state({'commit': commit, 'train_wall_s': 1.0, 'eval_wall_s': 1.0})
+    with open(os.path.join(run.dir, 'metrics.jsonl'), 'w') as f:
+        for it in (1, 2):
+            f.write(json.dumps({'epoch': 0, 'iter': it, 'loss': 1.0 / it, 'lr': 0.01,
+                                'step_s': 0.5}) + '\n')
+    os.makedirs(run.eval_dir(1))
+    with open(os.path.join(run.eval_dir(1), 'metrics.json'), 'w') as f:
+        json.dump({'mIoU': miou, 'mIoU_official': miou, 'mIoU_gluoncv': miou,
+                   'pixAcc': 0.9}, f)
+    return run
+
+
+def report(runs_dir, out, *extra):
+    return subprocess.run([sys.executable, STUDY, '--report', '--quick', '--norms', 'bn',
+                           'syncbn', '--runs', str(runs_dir), '--out', str(out),
+                           '--set', 'epochs=1', 'overfit_batches=2'] + list(extra),
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_runner_refuses_to_mix_commits(tmp_path):
+    study = load_study()
+    runs_dir, out = tmp_path / 'runs', tmp_path / 'out'
+    fake_finished_run(study, runs_dir, 'bn', 'a' * 40, 0.3)
+    fake_finished_run(study, runs_dir, 'syncbn', 'b' * 40, 0.6)
+    with pytest.raises(study.MixedCommits, match='different commits'):
+        study.check_commits([{'commit': 'a', 'norm': 'bn', 'images_per_device': 1, 'seed': 0},
+                             {'commit': 'b', 'norm': 'bn', 'images_per_device': 1, 'seed': 1}])
+
+    refused = report(runs_dir, out)
+    assert refused.returncode != 0
+    assert 'different commits' in refused.stderr and 'allow-mixed-commits' in refused.stderr
+    assert not (out / 'study.json').exists()
+
+    allowed = report(runs_dir, out, '--allow-mixed-commits')
+    assert allowed.returncode == 0, allowed.stderr
+    assert 'syncbn' in allowed.stdout and '100%' in allowed.stdout    # syncbn's own gain
+    with open(out / 'study.json') as f:
+        saved = json.load(f)
+    assert {r['commit'] for r in saved['runs']} == {'a' * 40, 'b' * 40}
+
+
+def test_a_started_run_of_another_commit_is_not_continued(tmp_path):
+    study = load_study()
+    run = fake_finished_run(study, tmp_path / 'runs', 'bn', 'c' * 40, 0.3)
+    args = study.parse_args(['--quick', '--runs', str(tmp_path / 'runs')])
+    with pytest.raises(study.MixedCommits, match='was started by commit'):
+        study.run_one(run, None, args, 'd' * 40)
+
+
+def test_table_gain_share_and_step_ratio():
+    study = load_study()
+    records = [{'norm': n, 'images_per_device': 1, 'seed': s, 'status': 'ok', 'miou': m,
+                'step_s': t, 'backend': 'local', 'commit': 'x'}
+               for n, s, m, t in [('bn', 0, 0.30, 1.0), ('bn', 1, 0.40, 1.0),
+                                  ('syncbn', 0, 0.65, 3.0), ('syncbn', 1, 0.75, 3.0),
+                                  ('pbn+', 0, 0.60, 1.1), ('pbn+', 1, 0.60, 1.1)]]
+    rows = {r[0]: r for r in study.summarize(records, ['bn', 'syncbn', 'pbn+'], [1])}
+    assert rows['pbn+'][3] == pytest.approx(0.60) and rows['bn'][4] == pytest.approx(0.05)
+    assert rows['pbn+'][5] == pytest.approx((0.60 - 0.35) / (0.70 - 0.35))
+    assert rows['syncbn'][7] == pytest.approx(3.0) and rows['pbn+'][7] == pytest.approx(1.1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_study_config_learns_on_two_devices_and_evaluates_officially(tmp_path):
+    """configs/study_pbnplus.yaml (DeepLabV3-ResNet18, pbn+) on 2 devices of one process,
+    a repeated pair of batches: the loss goes down, and eval.py reports the official mIoU."""
+    root, run_dir = tmp_path / 'digits', tmp_path / 'run'
+    subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'make_fake_cityscapes.py'),
+                    '--kind', 'digits', '--out', str(root), '--num-train', '8',
+                    '--num-val', '4', '--size', '64x64'], check=True, cwd=REPO)
+    config = os.path.join(REPO, 'configs', 'study_pbnplus.yaml')
+    settings = ['data_root=%s' % root, 'run_dir=%s' % run_dir, 'devices=2',
+                'overfit_batches=2', 'epochs=4', 'pbn_steps=4', 'log_interval=1']
+    env = dict(os.environ, PYTHONPATH=REPO)
+    train = subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'train.py'),
+                            '--config', config, '--set'] + settings,
+                           cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    with open(run_dir / 'metrics.jsonl') as f:
+        losses = [json.loads(line)['loss'] for line in f]
+    assert len(losses) == 8 and np.all(np.isfinite(losses))
+    assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2]), losses
+    # keep_checkpoints: every epoch's checkpoint is there for the study's val curve
+    assert sorted(os.listdir(run_dir / 'checkpoints')) == ['epoch_%04d' % e for e in (1, 2, 3, 4)]
+
+    evaluate = subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'eval.py'),
+                               '--config', config, '--set'] + settings + [
+                                   '--checkpoint', str(run_dir / 'checkpoints' / 'epoch_0004'),
+                                   '--save-dir', str(tmp_path / 'pred'),
+                                   '--out', str(tmp_path / 'eval')],
+                              cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert evaluate.returncode == 0, evaluate.stdout[-3000:] + evaluate.stderr[-3000:]
+    with open(tmp_path / 'eval' / 'metrics.json') as f:
+        metrics = json.load(f)
+    assert metrics['images'] == 4
+    assert 0 <= metrics['mIoU_official'] <= 1 and metrics['mIoU'] == metrics['mIoU_official']
+    assert os.path.isfile(tmp_path / 'eval' / 'cityscapes_official.json')
