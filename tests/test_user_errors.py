@@ -364,3 +364,11 @@ def test_launcher_with_a_missing_program_leaves_no_process():
     assert len(lines) == 1 and 'cannot start worker 0' in lines[0] and \
         '/no/such/program' in lines[0], result.stderr
     assert processes_with('DMLC_PS_ROOT_PORT=%d' % port) == []
+
+
+def test_every_config_key_is_checked():
+    """A key added to the config without a check would fail at load with a KeyError."""
+    from pbn_gluon.segmentation import config
+    assert set(config.KEYS) == set(config.CHECKS) | set(config.CHOICES)
+    from pbn_gluon.segmentation.models import MODELS
+    assert config.BACKBONES == {m: b for m, (_, b) in MODELS.items()}

@@ -6,6 +6,7 @@ import types
 import yaml
 
 from ..errors import ConfigError, one_line
+from .models import MODELS
 
 __all__ = ['KEYS', 'load_config', 'describe', 'check_values', 'ConfigError']
 
@@ -64,12 +65,12 @@ KEYS = {
     'eval_scales': ([0.5, 0.75, 1.0, 1.25, 1.5, 1.75], 'scales of eval.py --multi-scale (+ flip)'),
 }
 
-CHOICES = {'model': ('deeplab', 'deeplabplus'), 'norm': ('bn', 'syncbn', 'pbn', 'gn'),
+CHOICES = {'model': tuple(MODELS), 'norm': ('bn', 'syncbn', 'pbn', 'gn'),
            'pbn_backward': ('local', 'progressive'),
            'backend': ('local', 'horovod', 'kvstore')}
 
-#: backbones of each model (pbn_gluon.segmentation.models.MODELS)
-BACKBONES = {'deeplab': ('resnet50', 'resnet101', 'resnet152'), 'deeplabplus': ('xception',)}
+#: backbones of each model, from the one table pbn_gluon.segmentation.models keeps
+BACKBONES = {model: backbones for model, (_, backbones) in MODELS.items()}
 
 
 def _is_int(value):
@@ -166,6 +167,15 @@ def _scales(value):
 
 _scales.allowed = 'a non-empty list of positive numbers'
 
+def _rates(value):
+    if isinstance(value, (list, tuple)) and len(value) == 3 and all(
+            _is_int(v) and v >= 1 for v in value):
+        return [int(v) for v in value]
+    return _BAD
+
+
+_rates.allowed = 'a list of three integers >= 1'
+
 _BAD = object()
 
 #: key -> check(value): the value to use, or _BAD; check.allowed says what is
@@ -181,6 +191,7 @@ CHECKS = {
     'lr': _float(0, low_open=True), 'lr_power': _float(0), 'momentum': _float(0, 1, high_open=True),
     'weight_decay': _float(0), 'seed': _int(0), 'run_dir': _string(optional=True),
     'log_interval': _int(1), 'overfit_batches': _int(0), 'eval_scales': _scales,
+    'aspp_rates': _rates, 'keep_checkpoints': _bool,
 }
 
 
