@@ -209,3 +209,24 @@ def test_gluoncv_export_block_after_convert_norm_to_batchnorm(trained, tmp_path)
     loaded = gluon.SymbolBlock.imports(str(tmp_path / 'bn-symbol.json'), ['data'],
                                        str(tmp_path / 'bn-0000.params'))
     np.testing.assert_allclose(loaded(x).asnumpy(), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_readme_deploy_example_runs(tmp_path):
+    """The README's deploy block, run after its training example in a fresh process."""
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, 'README.md')) as f:
+        text = f.read()
+    train = re.findall(r'```python\n(# README example.*?)```', text, re.S)
+    deploy = re.findall(r'```python\n(# README deploy example.*?)```', text, re.S)
+    assert len(train) == 1 and len(deploy) == 1
+    script = tmp_path / 'deploy.py'
+    script.write_text(train[0] + '\n' + deploy[0])
+    env = {k: v for k, v in os.environ.items() if not k.startswith('MXNET_')}
+    env['PYTHONPATH'] = root + os.pathsep + env.get('PYTHONPATH', '')
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=400, env=env, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '(1, 10)' in result.stdout
+    for name in ('model-symbol.json', 'model-0000.params', 'model.onnx'):
+        assert (tmp_path / name).stat().st_size > 0
