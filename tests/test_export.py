@@ -230,3 +230,45 @@ def test_readme_deploy_example_runs(tmp_path):
     assert '(1, 10)' in result.stdout
     for name in ('model-symbol.json', 'model-0000.params', 'model.onnx'):
         assert (tmp_path / name).stat().st_size > 0
+
+
+class TwoHeads(nn.HybridBlock):
+    """Two outputs, PBN layers with BatchNorm's other settings (scale=False, center=False,
+    use_global_stats, epsilon), and one layer used twice."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.conv = nn.Conv2D(4, 3, padding=1, in_channels=3)
+            self.bn_a = pbn_gluon.ProgressiveBatchNorm(scale=False, epsilon=1e-3, in_channels=4)
+            self.bn_b = pbn_gluon.ProgressiveBatchNorm(center=False, in_channels=4)
+            self.bn_c = pbn_gluon.ProgressiveBatchNorm(use_global_stats=True, in_channels=4)
+
+    def hybrid_forward(self, F, x):
+        y = self.conv(x)
+        return self.bn_a(y), self.bn_c(self.bn_b(F.relu(self.bn_b(y))))
+
+
+def test_export_of_tuple_outputs_and_other_batchnorm_settings(tmp_path):
+    net = TwoHeads()
+    net.initialize(mx.init.Xavier(), ctx=CTXS)
+    rng = np.random.RandomState(5)
+    for name, param in net.collect_params().items():
+        if name.endswith(('gamma', 'beta', 'running_mean')):
+            param.set_data(nd.array(rng.uniform(-1, 1, 4)))
+        elif name.endswith('running_var'):
+            param.set_data(nd.array(rng.uniform(0.5, 2, 4)))
+    net.hybridize()
+    x = nd.array(rng.normal(size=(2, 3, 5, 6)))
+    reference = [o.asnumpy() for o in net(x)]
+    sym_file, params_file = pbn_gluon.export(net, str(tmp_path / 'two'), x.shape)
+    loaded = gluon.SymbolBlock.imports(sym_file, ['data'], params_file)
+    got = [o.asnumpy() for o in loaded(x)]
+    assert len(got) == 2
+    for a, b in zip(got, reference):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    with open(sym_file) as f:
+        ops = [n['op'] for n in json.load(f)['nodes']]
+    assert ops.count('BatchNorm') == 4 and not [o for o in ops if o.startswith('pbn_')]
+    assert type(net.bn_a) is pbn_gluon.ProgressiveBatchNorm    # put back
+    assert net._children['bn_b'] is net.bn_b
