@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.join(ROOT, 'scripts'))
 
 import zoo_sweep  # noqa: E402
 
-MODELS = ['resnet18_v1b', 'mobilenet0.25', 'r2plus1d_resnet18_kinetics400']
+MODELS = ['resnet18_v1b', 'mobilenet0.25', 'fastscnn_citys']
 
 
 def run_sweep(tmp_path, *args, env=None):
@@ -37,8 +37,8 @@ def test_sweep_runs_three_small_models_with_bn_pbn_and_convert_norm(tmp_path):
             assert row[variant]['status'] == 'ok', (name, variant, row[variant])
         assert zoo_sweep.classify(row) == 'ok'
         assert '| %s |' % name in table
-    assert results['r2plus1d_resnet18_kinetics400']['family'] == 'video'
-    assert len(results['r2plus1d_resnet18_kinetics400']['shape']) == 5
+    assert results['fastscnn_citys']['family'] == 'segmentation'
+    assert results['fastscnn_citys']['shape'] == [2, 3, 64, 64]
     assert 'Summary: 3 models run: 3 pass all three.' in table
     # resumable: a second run skips what is there
     again, _, proc = run_sweep(tmp_path, '--models', *MODELS, '--timeout', '600')
@@ -66,3 +66,19 @@ def test_classify_names_whose_failure_it_is():
     assert zoo_sweep.classify({'bn': ok, 'pbn': ok, 'convert': fail}) == 'ours'
     assert zoo_sweep.classify({'bn': ok, 'pbn': {'status': 'timeout'},
                                'convert': ok}) == 'timeout'
+    # failing in MXNet's oneDNN backend with BatchNorm too, all fine without it
+    assert zoo_sweep.classify({'bn': fail, 'pbn': fail, 'convert': ok,
+                               'without_mkldnn': {'bn': ok, 'pbn': ok, 'convert': ok}}) == 'mkldnn'
+    assert zoo_sweep.classify({'bn': fail, 'pbn': fail, 'convert': fail,
+                               'without_mkldnn': {'bn': ok, 'pbn': fail,
+                                                  'convert': ok}}) == 'ours'
+    no_layer = {'status': 'fail', 'reason': 'ValueError: StatsSync: SSD has no '
+                'ProgressiveBatchNorm or SyncBatchNorm layer in training mode'}
+    assert zoo_sweep.classify({'bn': ok, 'pbn': no_layer, 'convert': no_layer}) == 'no-layer'
+
+
+def test_reason_is_the_useful_line_of_an_mxnet_error():
+    text = ('MXNetError: Traceback (most recent call last):\n  File "../src/x.h", line 264\n'
+            'MXNetError: only implemented in GPU')
+    assert zoo_sweep._reason(text) == 'MXNetError: only implemented in GPU'
+    assert zoo_sweep._reason(ValueError('bad value\nmore')) == 'ValueError: bad value'
