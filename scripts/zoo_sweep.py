@@ -230,7 +230,7 @@ def _reason(err):
     checks = [l for l in useful if 'Check failed' in l]
     if checks:
         line = checks[0]
-    elif 'Traceback (most recent call last)' in text:
+    elif 'Traceback (most recent call last)' in text or '  File "' in text:
         line = (useful or lines or ['unknown error'])[-1]
     else:
         line = (lines or ['unknown error'])[0]
@@ -459,6 +459,8 @@ def main(argv=None):
     ap.add_argument('--md', default=None, help='markdown table (default: beside --json)')
     ap.add_argument('--rerun', action='store_true', help='run models already in --json again')
     ap.add_argument('--limit', type=int, default=None, help='stop after this many models')
+    ap.add_argument('--table-only', action='store_true',
+                    help='only write the markdown table from --json (runs nothing)')
     ap.add_argument('--worker', help=argparse.SUPPRESS)
     ap.add_argument('--variants', default=','.join(VARIANTS), help=argparse.SUPPRESS)
     ap.add_argument('--worker-out', help=argparse.SUPPRESS)
@@ -484,6 +486,12 @@ def main(argv=None):
         with open(args.json) as f:
             results = json.load(f).get('models', {})
     listed = None
+    if args.table_only:
+        with open(args.json) as f:
+            data = json.load(f)
+        listed = data.get('models_listed') or []
+        write_markdown(data['models'], md, pending=[m for m in listed if m not in data['models']])
+        return 0
     if os.path.exists(args.json):
         with open(args.json) as f:
             listed = json.load(f).get('models_listed')
