@@ -365,7 +365,8 @@ NO_LAYER = 'has no ProgressiveBatchNorm or SyncBatchNorm layer'
 
 def _classify(row):
     bn = row.get('bn', {}).get('status')
-    if bn == 'ok' and all(NO_LAYER in row.get(v, {}).get('reason', '') for v in ('pbn', 'convert')):
+    if bn == 'ok' and all(NO_LAYER in row.get(v, {}).get('reason', '')
+                          for v in ('pbn', 'convert')):
         return 'no-layer'       # the built model holds no norm layer Block to swap or sync
     others = [row.get(v, {}).get('status') for v in ('pbn', 'convert')]
     if bn == 'ok' and all(s == 'ok' for s in others):
