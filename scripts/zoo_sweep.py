@@ -393,7 +393,8 @@ def write_markdown(results, path, pending=()):
                               'no-layer': 'keep no norm layer Block (norm_layer does not reach a '
                               'layer that can be swapped or synchronised)',
                               'timeout': 'timed out', 'mkldnn': 'fail with BatchNorm too in '
-                              'MXNet\'s oneDNN (MKLDNN) backend and pass all three without it'}[k]) for k, n in sorted(counts.items())))]
+                              'MXNet\'s oneDNN (MKLDNN) backend and pass all three without it'}[k])
+               for k, n in sorted(counts.items())))]
     if pending:
         out += ['', 'Not reached in this run (%d): %s.' % (len(pending), ', '.join(pending))]
     out += ['', '| model | family | input | BN | PBN | convert_norm | whose | reason |',
