@@ -12,10 +12,11 @@ from .progressive_norm import ProgressiveBatchNorm
 from .sync_norm import SyncBatchNorm
 from .stats_sync import StatsSync, find_norm_layers
 from .convert import convert_norm
+from .export import export
 from .training import train_step
 
 __version__ = '0.1.0'
 
-__all__ = ['ProgressiveBatchNorm', 'SyncBatchNorm', 'StatsSync', 'convert_norm',
+__all__ = ['ProgressiveBatchNorm', 'SyncBatchNorm', 'StatsSync', 'convert_norm', 'export',
            'find_norm_layers', 'train_step', 'Comm', 'LocalComm', 'KVStoreComm', 'HorovodComm',
            'CountingComm', 'ops', 'schedules']

@@ -18,10 +18,18 @@ def _settings(layer):
 
 def _replace(old, norm_layer, kwargs):
     new = norm_layer(prefix=old.prefix, **_settings(old), **kwargs)
-    if old.gamma._data is not None:
-        new.initialize(ctx=old.gamma.list_ctx())
-        for name in ('gamma', 'beta', 'running_mean', 'running_var'):
-            getattr(new, name).set_data(getattr(old, name).data())
+    try:
+        ctx = old.gamma.list_ctx()
+    except RuntimeError:            # not initialized: the caller initializes the new net
+        return new
+    new.initialize(ctx=ctx)
+    if old.gamma._data is None:     # initialized, shapes deferred: nothing to copy yet
+        return new
+    for name in ('gamma', 'beta', 'running_mean', 'running_var'):
+        source, target = getattr(old, name), getattr(new, name)
+        target.grad_req = source.grad_req     # a frozen layer stays frozen
+        for src, dst in zip(source.list_data(), target.list_data()):
+            src.copyto(dst)                   # each device keeps its own values
     return new
 
 
@@ -30,20 +38,34 @@ def convert_norm(net, norm_layer, **kwargs):
     package's norms) by ``norm_layer(**BatchNorm settings of the layer, **kwargs)``, copying
     gamma, beta and the running statistics. Returns `net` (changed in place), like PyTorch's
     ``convert_sync_batchnorm``. Layers already of type `norm_layer` are left as they are.
+    ``convert_norm(net, nn.BatchNorm)`` turns PBN / SyncBN layers back into BatchNorm. A layer
+    that several blocks hold is replaced by one new layer everywhere.
 
         net = gluoncv.model_zoo.get_model('resnet18_v1b', pretrained=True)
         convert_norm(net, pbn_gluon.ProgressiveBatchNorm, local_weight='linear')
     """
     if not (isinstance(norm_layer, type) and issubclass(norm_layer, nn.HybridBlock)):
         raise TypeError('norm_layer must be a HybridBlock class, got %r' % (norm_layer,))
-    for name, child in list(net._children.items()):
-        if isinstance(child, _CONVERTIBLE) and type(child) is not norm_layer:
-            new = _replace(child, norm_layer, kwargs)
-            net._children[name] = new
-            if getattr(net, name, None) is child:
-                object.__setattr__(net, name, new)
-        else:
-            convert_norm(child, norm_layer, **kwargs)
-    if isinstance(net, nn.HybridBlock):
-        net._clear_cached_op()
+    _convert(net, norm_layer, kwargs, {}, set())
     return net
+
+
+def _convert(block, norm_layer, kwargs, replaced, seen):
+    # `replaced` maps id(old layer) -> new layer: a layer registered under several parents (or
+    # under several names) becomes ONE new layer everywhere, never two with the same names
+    if id(block) in seen:
+        return
+    seen.add(id(block))
+    for name, child in list(block._children.items()):
+        if isinstance(child, _CONVERTIBLE) and type(child) is not norm_layer:
+            if id(child) not in replaced:
+                replaced[id(child)] = (child, _replace(child, norm_layer, kwargs))
+            new = replaced[id(child)][1]
+            block._children[name] = new
+            for attr, value in list(vars(block).items()):
+                if value is child:
+                    object.__setattr__(block, attr, new)
+        else:
+            _convert(child, norm_layer, kwargs, replaced, seen)
+    if isinstance(block, nn.HybridBlock):
+        block._clear_cached_op()
