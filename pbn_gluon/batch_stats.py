@@ -60,7 +60,8 @@ class StateParameter(Parameter):
             self._deferred_init = (self.init, deferred[1], deferred[2], None)
 
     @property
-    def shape(self):
+    def shape(self):    # a graph variable takes it: follow a re-inferred owner first
+        self._follow_owner()
         return Parameter.shape.fget(self)
 
     @shape.setter
@@ -83,6 +84,7 @@ class StateParameter(Parameter):
         return super().list_ctx()
 
     def reset_ctx(self, ctx):
+        self._follow_owner()
         if self._data is None and not self._deferred_init:
             return          # not created yet: it follows its owner on first use
         super().reset_ctx(ctx)
@@ -139,7 +141,17 @@ class BatchStatsNorm(nn.BatchNorm):
     def forward(self, x, *args):
         if isinstance(x, nd.NDArray):
             self._check_input(x)
+        self._one_dim_vectors()
         return super().forward(x, *args)
+
+    def _one_dim_vectors(self):
+        """gamma, beta and the running statistics are vectors. A shape reset to None (as
+        GluonCV's prune_gluon_block does) would make their graph variables of unknown ndim,
+        which MXNet 1.9's shape inference of extension operators cannot take (it corrupts the
+        heap): (0,) is the same unknown length with its one dimension."""
+        for param in (self.gamma, self.beta, self.running_mean, self.running_var):
+            if param._shape is None:
+                param._shape, param._var = (0,), None
 
     def _check_input(self, x):
         axis = self._axis if self._axis >= 0 else x.ndim + self._axis

@@ -264,7 +264,13 @@ def worker(name, variants, out_path):
         except Exception as err:        # noqa: BLE001 - a row of the table
             emit({'variant': v, 'status': 'fail', 'reason': _reason(err),
                   'seconds': round(time.time() - t0, 1),
-                  'traceback': traceback.format_exc()[-2000:]})
+                  'traceback': _scrub(traceback.format_exc()[-2000:])})
+
+
+def _scrub(text):
+    """The results file is shared: no paths of this machine in it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return text.replace(sys.prefix, '<venv>').replace(root, '.')
 
 
 # -- the sweep (the parent) -----------------------------------------------------------------

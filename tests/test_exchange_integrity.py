@@ -418,3 +418,32 @@ def test_reinferred_channels_never_write_out_of_bounds():
     assert run.returncode == 0, run.stderr[-2000:]
     out = run.stdout.strip().splitlines()[-1]
     assert out.startswith('RAN (8,) (24,)'), out     # BatchNorm's behaviour, state included
+
+
+def test_gluoncv_pruned_model_trains_with_pbn():
+    """GluonCV's pruned ResNets (prune_gluon_block resets the norm parameters' shapes to None)
+    built with norm_layer=ProgressiveBatchNorm: 2 steps on 2 contexts, the state follows the
+    pruned channel counts. In a subprocess: a heap corruption fails the test, not the suite."""
+    script = textwrap.dedent('''
+        import mxnet as mx, pbn_gluon
+        from gluoncv.model_zoo import get_model
+        from mxnet import autograd
+        net = get_model('resnet18_v1b_0.89', norm_layer=pbn_gluon.ProgressiveBatchNorm)
+        ctxs = [mx.cpu(0), mx.cpu(1)]
+        net.initialize(ctx=ctxs)
+        net.hybridize()
+        sync = pbn_gluon.StatsSync(net, pbn_gluon.LocalComm(ctxs))
+        xs = [mx.nd.random.normal(shape=(2, 3, 32, 32), ctx=c) for c in ctxs]
+        for _ in range(2):
+            with autograd.record():
+                ys = [net(x) for x in xs]
+            autograd.backward(ys)
+            sync.step()
+        layer = pbn_gluon.find_norm_layers(net)[0]
+        print('RAN', layer.gamma.shape[0], layer.batch_sums.shape[0], layer.exchange_rows)
+    ''')
+    run = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                         env=dict(os.environ, MALLOC_CHECK_='3'), timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    _, channels, sums, rows = run.stdout.split()[-4:]
+    assert int(sums) == int(rows) * int(channels) and int(channels) < 64
