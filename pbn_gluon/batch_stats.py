@@ -19,9 +19,9 @@ The exchange state (``batch_sums`` and the subclasses' state) is StatsSync's and
 alone: never saved, and whoever asks a state parameter for all its arrays (a Trainer's or
 kvstore's broadcast, ``list_data()``) gets copies, so nothing outside writes it.
 """
-from mxnet import symbol
 import numpy as np
 from mxnet import ndarray as nd
+from mxnet import symbol
 from mxnet.gluon import Parameter, nn
 
 from . import ops

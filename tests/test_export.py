@@ -17,7 +17,7 @@ import pbn_gluon
 
 CTXS = [mx.cpu(0), mx.cpu(1)]
 SHAPE = (2, 3, 32, 32)
-STATE_NAMES = ('batch_sums', 'global_sums', 'local_weight')
+STATE_NAMES = ('batch_sums', 'global_sums', 'local_weight', 'flag_stats')   # exchange state
 
 
 def blocks(net):
