@@ -98,10 +98,11 @@ def _as_input(example, ctx):
     return nd.array(data, ctx=ctx)
 
 
-def _flat(out):
+def flatten_outputs(out):
+    """The arrays (or symbols) of a block's output, nested lists and tuples flattened."""
     if isinstance(out, (list, tuple)):
         for o in out:
-            yield from _flat(o)
+            yield from flatten_outputs(o)
     else:
         yield out
 
@@ -149,11 +150,11 @@ def export(net, path, example, epoch=0, check=True, rtol=1e-5, atol=1e-5):
     reference = None
     with autograd.pause(train_mode=False):
         if check or any(p._data is None for p in params.values() if p._deferred_init):
-            reference = [o.asnumpy() for o in _flat(net(x))]
+            reference = [o.asnumpy() for o in flatten_outputs(net(x))]
 
     with plain_batchnorm(net):
         out = net(mx.sym.var('data'))
-    sym = out if isinstance(out, mx.sym.Symbol) else mx.sym.Group(list(_flat(out)))
+    sym = out if isinstance(out, mx.sym.Symbol) else mx.sym.Group(list(flatten_outputs(out)))
     leftover = [n for n in sym.get_internals().list_outputs()
                 if n.startswith('pbn_') or '_pbn_' in n]
     if leftover:
@@ -179,7 +180,7 @@ def export(net, path, example, epoch=0, check=True, rtol=1e-5, atol=1e-5):
             loaded = gluon.SymbolBlock(sym, mx.sym.var('data'))
         loaded.load_parameters(params_file, ctx=mx.cpu(), allow_missing=False,
                                ignore_extra=False)
-        got = [o.asnumpy() for o in _flat(loaded(x.as_in_context(mx.cpu())))]
+        got = [o.asnumpy() for o in flatten_outputs(loaded(x.as_in_context(mx.cpu())))]
         for i, (a, b) in enumerate(zip(got, reference)):
             if a.shape != b.shape or not np.allclose(a, b, rtol=rtol, atol=atol):
                 warnings.warn('export: output %d of the written graph differs from the model\'s '

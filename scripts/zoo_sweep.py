@@ -116,26 +116,20 @@ def choose_shape(name):
     (nothing runs)."""
     import mxnet as mx
     from mxnet.gluon import nn
+    from pbn_gluon.export import flatten_outputs
     fam = family(name)
     last = None
     for shape in candidate_shapes(name, fam):
         try:
             net = build(name, nn.BatchNorm, shape)
             out = net(mx.sym.var('data'))
-            out = out if isinstance(out, mx.sym.Symbol) else mx.sym.Group(list(_flat(out)))
+            if not isinstance(out, mx.sym.Symbol):
+                out = mx.sym.Group(list(flatten_outputs(out)))
             out.infer_shape(data=shape)
             return shape
         except Exception as err:        # noqa: BLE001 - too small for this model: try larger
             last = err
     raise RuntimeError('no input shape of %s fits: %s' % (candidate_shapes(name, fam), last))
-
-
-def _flat(out):
-    if isinstance(out, (list, tuple)):
-        for o in out:
-            yield from _flat(o)
-    else:
-        yield out
 
 
 def _train_args(name, shape, ctx):
@@ -170,6 +164,7 @@ def run_variant(name, variant, shape, steps=2):
     from mxnet import autograd, gluon
     from mxnet.gluon import nn
     import pbn_gluon
+    from pbn_gluon.export import flatten_outputs
 
     ctxs = [mx.cpu(i) for i in range(NUM_CONTEXTS)]
     mx.random.seed(0)
@@ -197,7 +192,7 @@ def run_variant(name, variant, shape, steps=2):
         xs = [mx.nd.array(rng.normal(size=shape), ctx=c) for c in ctxs]
         with autograd.record():
             outs = [net(x, *_train_args(name, shape, x.context)) for x in xs]
-            step_losses = [sum(o.astype('float32').mean() for o in _flat(out)
+            step_losses = [sum(o.astype('float32').mean() for o in flatten_outputs(out)
                                if o.dtype == np.float32)
                            for out in outs]
         autograd.backward(step_losses)
@@ -210,7 +205,7 @@ def run_variant(name, variant, shape, steps=2):
     outs = [net(mx.nd.array(rng.normal(size=shape), ctx=c)) for c in ctxs]
     info = {'loss': losses[-1]}
     for out in outs:
-        for o in _flat(out):
+        for o in flatten_outputs(out):
             if o.dtype == np.float32 and not np.all(np.isfinite(o.asnumpy())):
                 # random weights and running statistics of 2 steps: deep nets can overflow in
                 # inference (measured on i3d: activations x10-100 a block, inf by layer 4)
