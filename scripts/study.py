@@ -48,7 +48,8 @@ def parse_args(argv=None):
     parser.add_argument('--ipds', nargs='+', type=int, help='images per device')
     parser.add_argument('--seeds', nargs='+', type=int)
     parser.add_argument('--runs', default='runs/study', help='run directories')
-    parser.add_argument('--out', default='docs/results/study', help='study.json and study.png')
+    parser.add_argument('--out', help='study.json and study.png (default docs/results/study, '
+                        'with --quick docs/results/study/quick)')
     parser.add_argument('--report', action='store_true',
                         help='no training: table, JSON and plot of the finished runs')
     parser.add_argument('--allow-mixed-commits', action='store_true',
@@ -62,6 +63,7 @@ def parse_args(argv=None):
     args.norms = args.norms or preset['norms']
     args.ipds = args.ipds or preset['ipds']
     args.seeds = args.seeds if args.seeds is not None else preset['seeds']
+    args.out = args.out or ('docs/results/study/quick' if args.quick else 'docs/results/study')
     return args
 
 
