@@ -17,9 +17,12 @@ import mxnet as mx
 import numpy as np
 from mxnet import ndarray as nd
 
-from . import rendezvous
+__all__ = ['Comm', 'LocalComm', 'KVStoreComm', 'HorovodComm', 'CountingComm',
+           'BLOCKING_TAG_PREFIX']
 
-__all__ = ['Comm', 'LocalComm', 'KVStoreComm', 'HorovodComm', 'CountingComm']
+#: the tags of SyncBatchNorm's exchanges, the blocking ones (pbn_gluon.rendezvous.exchange_tag)
+BLOCKING_TAG_PREFIX = 'pbn_gluon.syncbn.'
+
 
 class Comm:
     """Interface of a backend. Subclasses set contexts, size, rank_offset and implement
@@ -28,9 +31,6 @@ class Comm:
     contexts = ()
     size = 1
     rank_offset = 0
-
-    def __init__(self):
-        self._meeting = None
 
     @property
     def ranks(self):
@@ -53,33 +53,6 @@ class Comm:
         """Returns, for each local device, a (size, K) array whose row r is rank r's array."""
         raise NotImplementedError
 
-    def allreduce_device(self, array, out, tag, device, keep=None):
-        """Write the job-wide sum of local `device`'s `array` into `out` (SyncBatchNorm), and
-        into keep[0] too when `keep` is given, then call keep[1]().
-
-        Called once per local device, from MXNet's custom-operator thread, in any order; the
-        devices of this process meet without waiting (pbn_gluon.rendezvous)."""
-        if len(self.contexts) == 1:
-            if keep is None:
-                array.copyto(out)
-                self.allreduce_([out], tag)
-                return
-            total = array.copy()    # not `out`: graph buffers may be reused once it is written
-            self.allreduce_([total], tag)
-            total.copyto(out)
-            total.reshape(keep[0].shape).copyto(keep[0])
-            keep[1]()
-            return
-        if self._meeting is None:
-            self._meeting = rendezvous.Meeting(self, rendezvous.TIMEOUT)
-        self._meeting.arrive(tag, self.contexts.index(device), array, out, keep)
-
-    def check(self):
-        """Raise the error of an exchange that failed since the last check (e.g. a timeout)."""
-        if self._meeting is not None and self._meeting.failure is not None:
-            failure, self._meeting.failure = self._meeting.failure, None
-            raise failure
-
     def __repr__(self):
         return '%s(size=%d, contexts=%s)' % (type(self).__name__, self.size, list(self.contexts))
 
@@ -88,7 +61,6 @@ class LocalComm(Comm):
     """Devices of one process. Sums on contexts[0], then copies the sum to every device."""
 
     def __init__(self, contexts):
-        super().__init__()
         contexts = list(contexts) if isinstance(contexts, (list, tuple)) else [contexts]
         if not contexts or len(set(contexts)) != len(contexts):
             raise ValueError('LocalComm needs distinct contexts, got %r' % (contexts,))
@@ -118,7 +90,6 @@ class KVStoreComm(Comm):
     KEY_BASE = 1 << 28  # clear of the integer keys a gluon Trainer uses
 
     def __init__(self, kvstore, contexts=None):
-        super().__init__()
         if isinstance(kvstore, str):
             kvstore = mx.kv.create(kvstore)
         if contexts is None:
@@ -178,7 +149,6 @@ class HorovodComm(Comm):
     """Horovod, one device per process (launch with horovodrun; Gloo on CPU, NCCL on GPU)."""
 
     def __init__(self, context=None):
-        super().__init__()
         import horovod.mxnet as hvd
         hvd.init()
         self._hvd = hvd
@@ -197,30 +167,29 @@ class HorovodComm(Comm):
 
 class CountingComm:
     """A communicator that counts what passes through it, for benchmarks and tests: wraps any
-    Comm and forwards everything. ``counts['non_blocking']``: allreduce_/allgather calls
-    (StatsSync's exchange); ``counts['blocking']``: SyncBatchNorm exchanges, each counted once
-    however many local devices take part."""
+    Comm and forwards everything. ``counts['blocking']``: SyncBatchNorm's exchanges (tags that
+    start with BLOCKING_TAG_PREFIX), each counted once however many local devices take part;
+    ``counts['non_blocking']``: every other allreduce_/allgather call (StatsSync's exchange)."""
 
     def __init__(self, comm):
         self.inner = comm
         self.counts = collections.Counter()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()   # SyncBatchNorm exchanges come from MXNet's thread
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
+    def _count(self, tag):
+        with self._lock:
+            self.counts['blocking' if tag.startswith(BLOCKING_TAG_PREFIX) else 'non_blocking'] += 1
+
     def allreduce_(self, arrays, tag):
-        self.counts['non_blocking'] += 1
+        self._count(tag)
         return self.inner.allreduce_(arrays, tag)
 
     def allgather(self, arrays, tag):
-        self.counts['non_blocking'] += 1
+        self._count(tag)
         return self.inner.allgather(arrays, tag)
-
-    def allreduce_device(self, array, out, tag, device, keep=None):
-        with self._lock:    # called from MXNet's custom-operator thread
-            self.counts['blocking'] += 1.0 / len(self.inner.contexts)
-        return self.inner.allreduce_device(array, out, tag, device, keep)
 
     def __repr__(self):
         return 'CountingComm(%r)' % (self.inner,)

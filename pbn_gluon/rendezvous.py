@@ -1,11 +1,15 @@
-"""Where the devices of one process meet for a SyncBatchNorm exchange, without waiting.
+"""In-process SyncBatchNorm, in one place: where a SyncBatchNorm layer's exchanges go
+(``SyncExchange``), how the devices of one process meet there without waiting (``Meeting``), and
+the MXNet CPU resource settings that several CPU contexts of one process need.
 
-Each device's custom operator calls ``Meeting.arrive`` from MXNet's custom-operator thread, in
-any order. The first devices reserve their output (pbn_gluon.engine.reserve: an engine
-operation that holds its write lock); the last one pushes the sum over the process's devices
-(and the job's, through the communicator) and fulfils every reservation. A round that does not
-complete within TIMEOUT seconds releases its reservations and records an error, which
-``Comm.check()`` (called by ``StatsSync.step()``) raises.
+A layer's custom operator calls ``SyncExchange.allreduce`` from MXNet's custom-operator thread,
+once per local device, in any order. With one device per process the sum is the communicator's
+allreduce. With several, the devices meet: the first ones reserve their output
+(pbn_gluon.engine.reserve: an engine operation that holds its write lock); the last one pushes
+the sum over the process's devices (and the job's, through the communicator) and fulfils every
+reservation. A round that does not complete within TIMEOUT seconds releases its reservations
+and records an error. ``SyncExchange.settle()``, StatsSync.step()'s one call, raises that error
+and, where the devices meet in host memory, waits until this step's group sums are kept.
 
 All CPU contexts of a process share MXNet's resource copies, so SyncBatchNorm on several of
 them needs more copies than MXNet's defaults (``cpu_resource_env``, README: known limitations).
@@ -16,10 +20,11 @@ import sys
 import threading
 
 from . import engine
+from .comm import BLOCKING_TAG_PREFIX
 from .errors import UserError
 
-__all__ = ['Meeting', 'TIMEOUT', 'cpu_resource_env', 'cpu_resource_advice', 'cpu_resource_error',
-           'CPUResourceError']
+__all__ = ['SyncExchange', 'Meeting', 'TIMEOUT', 'exchange_tag', 'cpu_resource_env',
+           'cpu_resource_advice', 'cpu_resource_error', 'CPUResourceError']
 
 #: seconds the devices of a process have to meet at a SyncBatchNorm layer before it fails
 TIMEOUT = float(os.environ.get('PBN_GLUON_TIMEOUT', '300'))
@@ -76,6 +81,86 @@ def cpu_resource_error(contexts):
         'your_script.py`, or os.environ.update(pbn_gluon.rendezvous.cpu_resource_env(%d)) before '
         '`import mxnet`), or run one process per device (Horovod, KVStore)'
         % (len(cpu), settings, settings, len(cpu)))
+
+
+def exchange_tag(index, direction):
+    """Name of the exchange of the `index`-th SyncBatchNorm layer of a StatsSync, 'fwd' or 'bwd'."""
+    return '%s%d.%s' % (BLOCKING_TAG_PREFIX, index, direction)
+
+
+class SyncExchange:
+    """The blocking exchanges of a net's SyncBatchNorm `layers` through `comm` (a
+    pbn_gluon.comm.Comm); attaches every layer to it (``layer.attach(self, index)``).
+
+    Raises CPUResourceError at once when the layers' devices are several CPU contexts of this
+    process and MXNet's CPU resource settings are too low: it would stall, not fail."""
+
+    def __init__(self, comm, layers):
+        error = cpu_resource_error(comm.contexts)
+        if error is not None:
+            raise error
+        self.comm, self.layers = comm, list(layers)
+        #: the devices meet in host memory (several CPU contexts of this process): the group
+        #: sums are kept by the exchange, outside the graph, so settle() waits for them
+        self.in_host_memory = sum(c.device_type == 'cpu' for c in comm.contexts) > 1
+        self._meeting = None
+        self._kept = [0] * len(self.layers)      # group sums kept per layer, all devices
+        self._kept_changed = threading.Condition()
+        self._steps = 0
+        for index, layer in enumerate(self.layers):
+            layer.attach(self, index)
+
+    def allreduce(self, index, direction, device, array, out, keep=False):
+        """Write the job-wide sum of local `device`'s `array` into `out` for exchange
+        `direction` ('fwd' or 'bwd') of layer `index`; with `keep`, into the layer's
+        ``batch_sums`` on `device` too (the group sums the running statistics are updated from)."""
+        tag = exchange_tag(index, direction)
+        target = self.layers[index].batch_sums.data(device) if keep else None
+        if len(self.comm.contexts) == 1:
+            if target is None:
+                array.copyto(out)
+                self.comm.allreduce_([out], tag)
+                return
+            total = array.copy()    # not `out`: graph buffers may be reused once it is written
+            self.comm.allreduce_([total], tag)
+            total.copyto(out)
+            total.reshape(target.shape).copyto(target)
+            self._count_kept(index)
+            return
+        if self._meeting is None:
+            self._meeting = Meeting(self.comm, TIMEOUT)
+        kept = (target, lambda: self._count_kept(index)) if keep else None
+        self._meeting.arrive(tag, self.comm.contexts.index(device), array, out, kept)
+
+    def _count_kept(self, index):
+        with self._kept_changed:
+            self._kept[index] += 1
+            self._kept_changed.notify_all()
+
+    def check(self):
+        """Raise the error of an exchange that failed since the last check (e.g. a timeout)."""
+        if self._meeting is not None and self._meeting.failure is not None:
+            failure, self._meeting.failure = self._meeting.failure, None
+            raise failure
+
+    def settle(self):
+        """Close a step (StatsSync.step, after the backward): raise a failed exchange's error;
+        where the devices meet in host memory, wait until every device's training forward of
+        this step kept its group sums, so that the update of the running statistics is pushed
+        after the writes it reads. Every device runs exactly one training forward per step."""
+        self.check()
+        self._steps += 1
+        if not self.in_host_memory:
+            return      # the fused operator writes the group sums inside the graph
+        expected = len(self.comm.contexts) * self._steps
+        with self._kept_changed:
+            if not self._kept_changed.wait_for(lambda: min(self._kept) >= expected, TIMEOUT):
+                late = [(layer.name, kept) for layer, kept in zip(self.layers, self._kept)
+                        if kept < expected]
+                raise TimeoutError(
+                    'SyncBatchNorm %s: the devices of this process ran %d training forward '
+                    'passes, %d expected by now: every device must run the forward of each '
+                    'step before sync.step()' % (late[0][0], late[0][1], expected))
 
 
 class Meeting:

@@ -16,8 +16,9 @@ the buffers and the communicator, a layer owns its schedules and its graph:
   ones if any is NaN/Inf) and so fills ``global_sums`` for step t+1, then sets
   ``local_weight`` to w_{t+1} from the layer's schedules. The graph reads them as inputs:
   nothing waits.
-- SyncBatchNorm. ``StatsSync`` attaches it to the communicator (``layer.attach(comm, index)``);
-  its graph exchanges inside the layer, twice per step (forward and backward, blocking) and
+- SyncBatchNorm. ``StatsSync`` attaches it to an exchange over the communicator
+  (pbn_gluon.rendezvous.SyncExchange, which owns everything in-process SyncBN needs); its
+  graph exchanges inside the layer, twice per step (forward and backward, blocking) and
   writes the group sums into ``batch_sums``, a view of ``fresh``.
 - Both: ``sync.step()`` updates ``running_mean`` and ``running_var`` (views) from this step's
   accepted group sums (``fresh``), one fused operator per device (``pbn_running_update``,
@@ -40,7 +41,7 @@ from .batch_stats import BatchStatsNorm
 from . import rendezvous
 from .progressive_norm import ProgressiveBatchNorm
 from .stats_buffers import StatsBuffers
-from .sync_norm import SyncBatchNorm, exchange_tag
+from .sync_norm import SyncBatchNorm
 
 __all__ = ['StatsSync', 'find_norm_layers']
 
@@ -98,21 +99,15 @@ class StatsSync:
                 % type(net).__name__)
         self.pbn = [l for l in self.layers if isinstance(l, ProgressiveBatchNorm)]
         self.syncbn = [l for l in self.layers if isinstance(l, SyncBatchNorm)]
-        for index, layer in enumerate(self.syncbn):
-            layer.attach(comm, index)
-        if self.syncbn:     # a SyncBatchNorm's graph depends on its communicator
+        # raises at once where in-process SyncBN would stall (MXNet's CPU resource settings)
+        self.syncbn_exchange = (rendezvous.SyncExchange(comm, self.syncbn)
+                                if self.syncbn else None)
+        if self.syncbn:     # a SyncBatchNorm's graph depends on its exchange
             _clear_cached_graphs(net)
-        error = rendezvous.cpu_resource_error(comm.contexts) if self.syncbn else None
-        if error is not None:   # it would stall until PBN_GLUON_TIMEOUT: fail now, say what to set
-            raise error
         for layer in self.pbn:
             layer.check_devices(comm.size)
         self._prepare_syncbn()
         self.step_count = 0
-        # SyncBN's group sums kept so far and this object's steps (a resumed run restores
-        # step_count, not these)
-        self._kept_base = [layer.group_sums_kept for layer in self.syncbn]
-        self._steps_run = 0
         self.buffers = None
         self._weights = None
         self._health = []
@@ -129,7 +124,7 @@ class StatsSync:
                     'in_channels, or let a HybridBlock infer them without running the net, '
                     'net.infer_shape(example_input), before creating StatsSync' % self.comm)
             return
-        self.comm.prepare([(exchange_tag(i, d), (3, c), 'float64')
+        self.comm.prepare([(rendezvous.exchange_tag(i, d), (3, c), 'float64')
                            for i, c in enumerate(channels) for d in ('fwd', 'bwd')])
 
     # -- the buffers and what the step needs of them -----------------------------------------
@@ -194,11 +189,8 @@ class StatsSync:
 
     def step(self):
         """Exchange this step's statistics; call once per iteration after backward()."""
-        self.comm.check()       # raises if a SyncBatchNorm exchange timed out
-        self._steps_run += 1
-        for layer, base in zip(self.syncbn, self._kept_base):   # group sums written first
-            layer.wait_group_sums(base + len(self.comm.contexts) * self._steps_run,
-                                  rendezvous.TIMEOUT)
+        if self.syncbn_exchange is not None:    # its errors; its group sums written first
+            self.syncbn_exchange.settle()
         self._ensure_bound()
         t = self.step_count
         if self.pbn and t - self._health_read >= HEALTH_READ_INTERVAL:
@@ -208,6 +200,12 @@ class StatsSync:
         self._update_running()
         self.step_count = t + 1
         self._set_weights(self.step_count)
+
+    def check(self):
+        """Raise the error of a SyncBatchNorm exchange that failed since the last check (a
+        device that never reached it); step() checks too."""
+        if self.syncbn_exchange is not None:
+            self.syncbn_exchange.check()
 
     def _group_sizes(self, t):
         return [layer.group_size_at(t, self.comm.size) for layer in self.pbn]

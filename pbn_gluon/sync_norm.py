@@ -18,7 +18,6 @@ engine operations (the devices of one process meet through pbn_gluon.engine's de
 so it works hybridized on several CPU contexts of one process, and across processes (Horovod,
 KVStore dist_sync) on any device.
 """
-import threading
 import weakref
 
 import mxnet as mx
@@ -33,11 +32,6 @@ __all__ = ['SyncBatchNorm']
 _LAYERS = weakref.WeakValueDictionary()
 
 
-def exchange_tag(index, direction):
-    """Name of the exchange of the `index`-th SyncBatchNorm layer of a StatsSync, 'fwd' or 'bwd'."""
-    return 'pbn_gluon.syncbn.%d.%s' % (index, direction)
-
-
 def _exchange(uid, device, direction, array, out, req, op, keep=False):
     """op's output `out` (request `req`) := sum over every device of the job of `array`, this
     device's contribution; with `keep`, the sum also goes to the layer's batch_sums.
@@ -45,12 +39,11 @@ def _exchange(uid, device, direction, array, out, req, op, keep=False):
     if req == 'null':
         return
     layer = _LAYERS.get(uid)
-    if layer is None or layer.comm is None:
-        raise RuntimeError('SyncBatchNorm layer %s has no communicator: create '
+    if layer is None or layer.exchange is None:
+        raise RuntimeError('SyncBatchNorm layer %s has no exchange: create '
                            'pbn_gluon.StatsSync(net, comm) before training' % uid)
     target = out if req in ('write', 'inplace') else mx.nd.empty(out.shape, out.context)
-    layer.comm.allreduce_device(array, target, exchange_tag(layer.exchange_index, direction),
-                                device, layer.keep_target(device) if keep else None)
+    layer.exchange.allreduce(layer.exchange_index, direction, device, array, target, keep)
     if target is not out:
         op.assign(out, req, target)
 
@@ -109,9 +102,10 @@ class SyncBatchNorm(BatchStatsNorm):
     """Synchronous BatchNorm across every device of a pbn_gluon.comm backend.
 
     Takes every argument of mxnet.gluon.nn.BatchNorm and saves exactly its parameters.
-    ``pbn_gluon.StatsSync(net, comm)`` attaches it to `comm` (``attach``) before its first
-    forward pass; ``sync.step()`` then updates the running statistics (from the global moments,
-    identical on every device) once per iteration. All devices of a process must run forward
+    ``pbn_gluon.StatsSync(net, comm)`` attaches it to an exchange over `comm`
+    (pbn_gluon.rendezvous.SyncExchange) before its first forward pass; ``sync.step()`` then
+    updates the running statistics (from the global moments, identical on every device) once
+    per iteration. All devices of a process must run forward
     and backward of every step.
     """
 
@@ -122,47 +116,18 @@ class SyncBatchNorm(BatchStatsNorm):
         super().__init__(**kwargs)
         SyncBatchNorm._uids += 1
         self.uid = '%s#%d' % (self.name, SyncBatchNorm._uids)
-        self.comm, self.exchange_index = None, None
-        self._kept, self._kept_changed = 0, threading.Condition()
+        self.exchange, self.exchange_index = None, None
         _LAYERS[self.uid] = self
 
-    def attach(self, comm, index):
-        """Exchange through `comm` (a pbn_gluon.comm.Comm) under the name of the `index`-th
-        SyncBatchNorm of its StatsSync. The graph depends on it: cached graphs are dropped."""
-        self.comm, self.exchange_index = comm, index
+    def attach(self, exchange, index):
+        """Exchange through `exchange` (a pbn_gluon.rendezvous.SyncExchange, made by StatsSync)
+        as its `index`-th layer. The graph depends on it: cached graphs are dropped."""
+        self.exchange, self.exchange_index = exchange, index
         self._clear_cached_op()
 
     def _meets_in_host_memory(self):
         """True when the layer's devices are several CPU contexts of this process."""
-        return self.comm is not None and sum(
-            c.device_type == 'cpu' for c in self.comm.contexts) > 1
-
-    def keep_target(self, device):
-        """MXNet-operator path: where the exchange writes this step's group sums for `device`
-        (its batch_sums), and what it calls once it pushed the write (counts it)."""
-        def kept():
-            with self._kept_changed:
-                self._kept += 1
-                self._kept_changed.notify_all()
-        return self.batch_sums.data(device), kept
-
-    @property
-    def group_sums_kept(self):
-        """How many group sums the exchange kept on the MXNet-operator path so far."""
-        return self._kept
-
-    def wait_group_sums(self, count, timeout):
-        """Until `count` group sums were kept on the MXNet-operator path (at once on the fused
-        path, whose operator writes them into batch_sums in the graph). So StatsSync's update
-        of the running statistics is pushed after the writes it reads."""
-        if not self._meets_in_host_memory():
-            return
-        with self._kept_changed:
-            if not self._kept_changed.wait_for(lambda: self._kept >= count, timeout):
-                raise TimeoutError('%s: the devices of this process ran %d training forward '
-                                   'passes, %d expected by now: every device must run the '
-                                   'forward of each step before sync.step()'
-                                   % (self.name, self._kept, count))
+        return self.exchange is not None and self.exchange.in_host_memory
 
     def hybrid_forward(self, F, x, gamma, beta, running_mean, running_var, batch_sums):
         if not self._use_global_stats and self._meets_in_host_memory():

@@ -210,7 +210,7 @@ def run_worker(args):
                                       args.batch_size * len(ctxs), run['sync'])
         mx.nd.waitall()
         if run['sync'] is not None:
-            run['comm'].check()     # raises if a device never reached an exchange
+            run['sync'].check()     # raises if a device never reached an exchange
         run['loss'] = losses
         return time.perf_counter() - tic
 

@@ -93,7 +93,7 @@ def run_one(cfg):
         train_time += dt
         step_times.append(dt)
         if sync is not None:
-            sync.comm.check()
+            sync.check()
         if t % 10 == 0 or t == steps - 1:
             losses.append((t, float(np.mean([o.mean().asscalar() for o in outs]))))
         if t + 1 in checkpoints and rank == 0:
