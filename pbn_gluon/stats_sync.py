@@ -176,9 +176,10 @@ class StatsSync:
         """Processes whose nets differ would exchange mismatched buffers: fail clearly."""
         if self.comm.size == len(self.comm.contexts):
             return
-        crc = zlib.crc32(np.asarray(channels, dtype=np.int64).tobytes()) & 0xFFFFFF
-        mine = nd.array([len(channels), sum(channels) % (1 << 24), crc],
-                        ctx=self.comm.contexts[0], dtype='float32')
+        # double holds every integer below 2^53 exactly: the 32-bit CRC and any channel total
+        crc = zlib.crc32(np.asarray(channels, dtype=np.int64).tobytes())
+        mine = nd.array([len(channels), sum(channels), crc],
+                        ctx=self.comm.contexts[0], dtype='float64')
         rows = self.comm.allgather([mine.copyto(c) for c in self.comm.contexts],
                                    'pbn_gluon.signature')[0].asnumpy()
         if not (rows == rows[:1]).all():
