@@ -85,6 +85,8 @@ class _DeviceSumProp(mx.operator.CustomOpProp):
         return ['output', 'is_inference']
 
     def infer_shape(self, in_shape):
+        if self._keep:      # batch_sums: the (3, C) sums, flat (deferred init learns C here)
+            in_shape = [in_shape[0], (int(np.prod(in_shape[0])),)]
         return in_shape, [in_shape[0], (1,)], []
 
     def infer_type(self, in_type):

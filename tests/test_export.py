@@ -272,3 +272,52 @@ def test_export_of_tuple_outputs_and_other_batchnorm_settings(tmp_path):
     assert ops.count('BatchNorm') == 4 and not [o for o in ops if o.startswith('pbn_')]
     assert type(net.bn_a) is pbn_gluon.ProgressiveBatchNorm    # put back
     assert net._children['bn_b'] is net.bn_b
+
+
+def test_syncbn_trained_model_exports_to_plain_batchnorm(tmp_path):
+    """SyncBatchNorm (in-process exchange on 2 CPU contexts) trained 2 steps, exported: plain
+    BatchNorm nodes with its running statistics as auxiliary states, and the graph, loaded where
+    pbn_gluon was never imported, equals the SyncBN net's inference."""
+    mx.random.seed(5)
+    net = nn.HybridSequential()
+    net.add(nn.Conv2D(8, 3, padding=1), pbn_gluon.SyncBatchNorm(), nn.Activation('relu'),
+            nn.Conv2D(8, 3, strides=2), pbn_gluon.SyncBatchNorm(momentum=0.5),
+            nn.GlobalAvgPool2D(), nn.Dense(4))
+    net.initialize(mx.init.Xavier(), ctx=CTXS)
+    net.hybridize(static_alloc=True)
+    sync = pbn_gluon.StatsSync(net, pbn_gluon.LocalComm(CTXS))
+    trainer = gluon.Trainer(net.collect_params(), 'sgd', {'learning_rate': 0.05})
+    rng = np.random.RandomState(2)
+    for _ in range(2):
+        xs = [nd.array(rng.normal(3.0, 2.0, size=(2, 3, 9, 9)), ctx=c) for c in CTXS]
+        with autograd.record():
+            losses = [net(x).square().mean() for x in xs]
+        autograd.backward(losses)
+        sync.step()
+        trainer.step(4)
+    x = nd.array(rng.normal(3.0, 2.0, size=(3, 3, 9, 9)))
+    reference = net(x).asnumpy()
+    path = str(tmp_path / 'syncbn')
+    sym_file, params_file = pbn_gluon.export(net, path, x)
+
+    with open(sym_file) as f:
+        ops = [n['op'] for n in json.load(f)['nodes']]
+    assert ops.count('BatchNorm') == 2 and not [op for op in ops if 'pbn' in op.lower()]
+    saved = nd.load(params_file)
+    layers = [b for b in blocks(net) if isinstance(b, pbn_gluon.SyncBatchNorm)]
+    for layer in layers:
+        running_mean = layer.running_mean.data(CTXS[0]).asnumpy()
+        assert np.abs(running_mean).max() > 0       # the exchange moved them
+        np.testing.assert_array_equal(saved['aux:' + layer.running_mean.name].asnumpy(),
+                                      running_mean)
+        np.testing.assert_array_equal(saved['aux:' + layer.running_var.name].asnumpy(),
+                                      layer.running_var.data(CTXS[0]).asnumpy())
+    np.save(tmp_path / 'x.npy', x.asnumpy())
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    env['PYTHONNOUSERSITE'] = '1'
+    proc = subprocess.run([sys.executable, '-c', IMPORT_SCRIPT, sym_file, params_file,
+                           str(tmp_path / 'x.npy'), str(tmp_path / 'out.npy')],
+                          env=env, cwd=str(tmp_path), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    np.testing.assert_allclose(np.load(tmp_path / 'out.npy'), reference, rtol=1e-5, atol=1e-5)

@@ -38,6 +38,26 @@ def test_syncbn_equals_batchnorm_on_concatenated_batch(devices, hybridize):
                                        bn.running_var.data().asnumpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize('devices,hybridize', [(2, False), (4, True)])
+def test_syncbn_with_deferred_channels_equals_batchnorm(devices, hybridize):
+    """No in_channels: the channels are learnt at the first forward (the exchange's state
+    included), then the layer is BatchNorm on the concatenated batch."""
+    ctxs = [mx.cpu(i) for i in range(devices)]
+    layer = pbn_gluon.SyncBatchNorm()
+    layer.initialize(ctx=ctxs)
+    if hybridize:
+        layer.hybridize(static_alloc=True)
+    sync = pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs))
+    xs, dys = batches([2, 1, 3, 2][:devices], 0)
+    ys, dxs = step(layer, xs, dys, ctxs, sync)
+    ones, zeros = np.ones(C, dtype=np.float32), np.zeros(C, dtype=np.float32)
+    y_ref, dx_ref, _, _ = reference.batchnorm(np.concatenate(xs), ones, zeros, EPS,
+                                              np.concatenate(dys))
+    np.testing.assert_allclose(np.concatenate(ys), y_ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.concatenate(dxs), dx_ref, rtol=1e-3, atol=1e-4)
+    assert layer.gamma.shape == (C,)
+
 def test_syncbn_without_statssync_fails_clearly():
     layer = build(pbn_gluon.SyncBatchNorm(in_channels=C), [mx.cpu()], False)
     x = nd.array(batches([2], 0)[0][0])
