@@ -284,17 +284,26 @@ PBN_TYPES(accept_types, pbn_accept_sums, PBN_ACCEPT_INPUTS, PBN_ACCEPT_OUTPUTS)
 #undef PBN_TYPES
 #undef PBN_DTYPE
 
-/* The per-channel inputs' shapes from the data's (deferred initialisation), checked. */
-MXReturnValue norm_shape(const Attrs& attrs, std::vector<std::vector<unsigned int>>* in,
-                         std::vector<std::vector<unsigned int>>* out) {
-  const auto& data = in->at(kData);
+/* The shapes inferShape fills and checks, one per input or output. */
+using Shapes = std::vector<std::vector<unsigned int>>;
+
+/* The channel axis of `op`'s data of shape `data`, or -1 (with an MX_ERROR_MSG). */
+int channel_axis_of(const char* op, const Attrs& attrs, const std::vector<unsigned int>& data) {
   const OpParams params(attrs);
   int axis = params.channel_axis(static_cast<int>(data.size()));
   if (data.size() < 2 || axis < 0) {
-    MX_ERROR_MSG << "pbn_batch_norm: axis " << params.axis
-                 << " does not fit an input of " << data.size() << " dims";
-    return MX_FAIL;
+    MX_ERROR_MSG << op << ": axis " << params.axis << " does not fit an input of "
+                 << data.size() << " dims";
+    return -1;
   }
+  return axis;
+}
+
+/* The per-channel inputs' shapes from the data's (deferred initialisation), checked. */
+MXReturnValue norm_shape(const Attrs& attrs, Shapes* in, Shapes* out) {
+  const auto& data = in->at(kData);
+  const int axis = channel_axis_of("pbn_batch_norm", attrs, data);
+  if (axis < 0) return MX_FAIL;
   /* MXNet hands an unknown dimension over as -1 (legacy shapes: 0) */
   auto known = [](const std::vector<unsigned int>& s) {
     if (s.empty()) return false;
@@ -325,23 +334,16 @@ MXReturnValue norm_shape(const Attrs& attrs, std::vector<std::vector<unsigned in
   return MX_SUCCESS;
 }
 
-MXReturnValue sums_shape(const Attrs& attrs, std::vector<std::vector<unsigned int>>* in,
-                         std::vector<std::vector<unsigned int>>* out) {
+MXReturnValue sums_shape(const Attrs& attrs, Shapes* in, Shapes* out) {
   const auto& data = in->at(kSumsData);
-  const OpParams params(attrs);
-  int axis = params.channel_axis(static_cast<int>(data.size()));
-  if (data.size() < 2 || axis < 0) {
-    MX_ERROR_MSG << "pbn_batch_sums: axis " << params.axis
-                 << " does not fit an input of " << data.size() << " dims";
-    return MX_FAIL;
-  }
+  const int axis = channel_axis_of("pbn_batch_sums", attrs, data);
+  if (axis < 0) return MX_FAIL;
   out->assign(kNumSumsOutputs, {3u, data[axis]});
   return MX_SUCCESS;
 }
 
 /* The shape of an operator whose output is one number, when its inputs are `ok`. */
-MXReturnValue one_number(bool ok, const char* problem,
-                         std::vector<std::vector<unsigned int>>* out) {
+MXReturnValue one_number(bool ok, const char* problem, Shapes* out) {
   if (!ok) {
     MX_ERROR_MSG << problem;
     return MX_FAIL;
@@ -350,8 +352,7 @@ MXReturnValue one_number(bool ok, const char* problem,
   return MX_SUCCESS;
 }
 
-MXReturnValue running_shape(const Attrs& attrs, std::vector<std::vector<unsigned int>>* in,
-                            std::vector<std::vector<unsigned int>>* out) {
+MXReturnValue running_shape(const Attrs& attrs, Shapes* in, Shapes* out) {
   unsigned t = in->at(kMomentum).empty() ? 0 : in->at(kMomentum)[0];
   return one_number(in->at(kGather) == std::vector<unsigned int>{3u, t} &&
                         in->at(kRunningMeanAll) == std::vector<unsigned int>{t} &&
@@ -360,14 +361,12 @@ MXReturnValue running_shape(const Attrs& attrs, std::vector<std::vector<unsigned
                     "running_var (T,) for the same T", out);
 }
 
-MXReturnValue take_shape(const Attrs& attrs, std::vector<std::vector<unsigned int>>* in,
-                         std::vector<std::vector<unsigned int>>* out) {
+MXReturnValue take_shape(const Attrs& attrs, Shapes* in, Shapes* out) {
   out->assign(kNumTakeOutputs, in->at(kTakeLocal));
   return MX_SUCCESS;
 }
 
-MXReturnValue accept_shape(const Attrs& attrs, std::vector<std::vector<unsigned int>>* in,
-                           std::vector<std::vector<unsigned int>>* out) {
+MXReturnValue accept_shape(const Attrs& attrs, Shapes* in, Shapes* out) {
   const std::vector<unsigned int>& k = in->at(kLocal);
   return one_number(k.size() == 1 && in->at(kGroup) == k && in->at(kRate) == k &&
                         in->at(kGlobal) == k && in->at(kFresh) == k &&
