@@ -256,7 +256,10 @@ def _library(nvcc):
 def reported_contract(path):
     """{operator: input names} as the library at `path` reports them (pbn_operator_inputs)."""
     library = ctypes.CDLL(path)     # the handle MXNet opened: loading it again only counts
-    report = library.pbn_operator_inputs
+    report = getattr(library, 'pbn_operator_inputs', None)
+    if report is None:
+        raise ContractError('pbn_gluon: %s does not report its operators\' inputs '
+                            '(pbn_operator_inputs): it was not built from these sources' % path)
     report.restype = ctypes.c_char_p
     return op_contract.parse_reported(report().decode())
 

@@ -1,5 +1,7 @@
 """The CUDA kernels (pbn_gluon/csrc/pbn_kernels.cuh), compiled with NVRTC through CuPy and
-launched as pbn_cuda.cu launches them, against a float64 NumPy reference of the spec.
+launched as pbn_cuda.cu launches them (its launch plan, pbn_plan, read back from the device
+through the test-only kernel pbn_launch_plan; constants and kernel names parsed from the header
+by tests/cuda_source.py), against a float64 NumPy reference of the spec.
 
 Per channel, with n elements, m and v this batch's mean and biased variance, M and V those of
 the group sums G = [sum x, sum x^2, count (, sum dy, sum dy xhat)] of an earlier step, w the

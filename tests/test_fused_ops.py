@@ -60,6 +60,11 @@ def test_a_contract_mismatch_names_every_difference():
     ops.check_contract(dict(op_contract.INPUTS))     # agreement: no error
 
 
+def test_a_library_without_the_report_is_a_contract_error():
+    with pytest.raises(ops.ContractError, match='not built from these sources'):
+        ops.reported_contract(mx.base._LIB._name)    # libmxnet itself: no pbn_operator_inputs
+
+
 def test_contract_report_parsing():
     """The library's report is 'op=a,b,;op2=c,;' (the C++ lists leave trailing commas)."""
     assert op_contract.parse_reported('a=x,y,;b=z,;') == {'a': ('x', 'y'), 'b': ('z',)}
