@@ -12,8 +12,9 @@ One operator does it in two passes over x (sums, then y) and, in training, write
 [sum x, sum x^2, count] (double) into the layer's ``batch_sums`` state, an auxiliary input it
 mutates the way BatchNorm updates its moving statistics. StatsSync reads them from there after
 the step: the moments leave a hybridized graph without a device synchronisation, with or
-without a backward pass. The mode comes in as data (``is_inference``: 0 in training, ~1 in
-inference), since extension operators do not see MXNet's training flag.
+without a backward pass. The mode comes in as data (``is_inference``, op_contract.TRAINING or
+INFERENCE), since extension operators do not see MXNet's training flag; the operator's inputs
+are built by name (op_contract.inputs), in the order pbn_gluon.ops checked at load.
 
 The exchange state (``batch_sums`` and the subclasses' state) is StatsSync's and the layer's
 alone: never saved, and whoever asks a state parameter for all its arrays (a Trainer's or
@@ -24,7 +25,7 @@ from mxnet import ndarray as nd
 from mxnet import symbol
 from mxnet.gluon import Parameter, nn
 
-from . import ops
+from . import op_contract, ops
 
 __all__ = ['BatchStatsNorm']
 
@@ -97,7 +98,8 @@ class BatchStatsNorm(nn.BatchNorm):
 
     Subclasses define ``_group_inputs(F, x, batch_sums, **state)`` returning the operator's
     (group_sums, local_weight, is_inference) inputs, and set ``local_stats`` (True: PBN mixes
-    this batch's moments in; False: SyncBN normalises with the group sums alone)."""
+    this batch's moments in with weight local_weight; False: SyncBN normalises with the group
+    sums alone, which is local weight 0)."""
 
     local_stats = True
 
@@ -175,10 +177,12 @@ class BatchStatsNorm(nn.BatchNorm):
                                fix_gamma=not self._scale, use_global_stats=True, axis=self._axis)
         x, gamma, beta = self._accumulating_inputs(F, x, gamma, beta)
         group_sums, local_weight, is_inference = self._group_inputs(F, x, batch_sums, **state)
-        return F.pbn_batch_norm(x, gamma, beta, running_mean, running_var, group_sums,
-                                local_weight, is_inference, batch_sums, axis=self._axis,
-                                eps=self._epsilon, fix_gamma=not self._scale,
-                                local_stats=self.local_stats)[0]
+        inputs = op_contract.inputs(
+            'pbn_batch_norm', data=x, gamma=gamma, beta=beta, running_mean=running_mean,
+            running_var=running_var, group_sums=group_sums, local_weight=local_weight,
+            is_inference=is_inference, batch_sums=batch_sums)
+        return F.pbn_batch_norm(*inputs, axis=self._axis, eps=self._epsilon,
+                                fix_gamma=not self._scale, local_stats=self.local_stats)[0]
 
     def _accumulating_inputs(self, F, x, gamma, beta):
         """Extension operators write their gradients (lib_api.h hands them no OpReqType), so an
@@ -194,13 +198,17 @@ class BatchStatsNorm(nn.BatchNorm):
 
 
 def training_flag(F, zero_stats):
-    """0 while MXNet trains, 1 in inference: BatchNorm (eps 1) of a one-element constant 1 with
-    gamma 1, and beta and moving statistics `zero_stats` (a one-element state variable holding
-    0; BatchNorm's moving statistics must be graph variables): batch statistics give beta = 0,
-    the moving ones 1 (1 - 0) / sqrt(0 + 1). (Not fix_gamma: BatchNorm then writes 1 into its
-    gamma.) Three one-element operators that draw no random numbers, unlike a Dropout, so a
-    net's later Dropouts draw what they would without it. BlockGrad: no backward, so the
-    moving statistics are never updated."""
+    """pbn_batch_norm's ``is_inference`` input made in the graph: op_contract.TRAINING (0) while
+    MXNet trains, INFERENCE (1) otherwise. Cost: three one-element operators (ones_like,
+    BatchNorm, BlockGrad) per layer and forward, no random numbers, no backward.
+
+    BatchNorm (eps 1) of a one-element constant 1 with gamma 1, and beta and moving statistics
+    `zero_stats` (a one-element state variable holding 0; BatchNorm's moving statistics must be
+    graph variables): batch statistics give beta = 0, the moving ones 1 (1 - 0) / sqrt(0 + 1).
+    (Not fix_gamma: BatchNorm then writes 1 into its gamma.) Unlike a Dropout it draws no random
+    numbers, so a net's later Dropouts draw what they would without it. BlockGrad: no backward,
+    so the moving statistics are never updated. (SyncBatchNorm's exchange operator sees
+    is_train and outputs the same encoding, op_contract.mode_value(is_train).)"""
     one = F.ones_like(zero_stats)
     return F.BlockGrad(F.BatchNorm(one, one, zero_stats, zero_stats, zero_stats, eps=1.0,
                                    fix_gamma=False, use_global_stats=False, axis=0,

@@ -18,7 +18,12 @@ BuildError names both.
 
 CUDA kernels are compiled when MXNet is a CUDA build and ``nvcc`` is found (``$CUDA_HOME/bin``
 or ``PATH``); otherwise the library is CPU-only and ``cuda_enabled()`` says so.
+
+Once loaded, the library's input contract (each operator's input names, in order, as the C++
+enums take them: ``pbn_operator_inputs``) is checked against pbn_gluon.op_contract, which the
+Python callers build their inputs from; a ContractError names every difference.
 """
+import ctypes
 import fcntl
 import hashlib
 import os
@@ -32,7 +37,10 @@ import warnings
 
 import mxnet as mx
 
-__all__ = ['load', 'cuda_enabled', 'library_path', 'library_ok', 'BuildError']
+from . import op_contract
+
+__all__ = ['load', 'cuda_enabled', 'library_path', 'library_ok', 'check_contract', 'BuildError',
+           'ContractError']
 
 SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc')
 SOURCES = ('pbn_ops.cc', 'pbn_ops.h', 'pbn_math.h', 'pbn_cuda.cu', 'pbn_kernels.cuh')
@@ -45,6 +53,10 @@ _loaded = {}
 
 class BuildError(RuntimeError):
     """The operator library could not be built; the message says what is missing."""
+
+
+class ContractError(RuntimeError):
+    """The loaded operators take other inputs than pbn_gluon.op_contract says."""
 
 
 def _mxnet_dirs():
@@ -102,7 +114,7 @@ def _build_command(out, nvcc):
                 *includes, src('pbn_ops.cc'), lib_api_cc, '-o', out]
     return [nvcc, '-shared', '-std=c++14', '-O3', '-Xcompiler', '-fPIC,-fopenmp',
             '-Xlinker', '-Bsymbolic',
-            '-DPBN_WITH_CUDA', *_cuda_arch_flags(), *includes, src('pbn_ops.cc'),
+            *_cuda_arch_flags(), *includes, src('pbn_ops.cc'),
             src('pbn_cuda.cu'), lib_api_cc, '-o', out]
 
 
@@ -241,12 +253,35 @@ def _library(nvcc):
     return path
 
 
+def reported_contract(path):
+    """{operator: input names} as the library at `path` reports them (pbn_operator_inputs)."""
+    library = ctypes.CDLL(path)     # the handle MXNet opened: loading it again only counts
+    report = getattr(library, 'pbn_operator_inputs', None)
+    if report is None:
+        raise ContractError('pbn_gluon: %s does not report its operators\' inputs '
+                            '(pbn_operator_inputs): it was not built from these sources' % path)
+    report.restype = ctypes.c_char_p
+    return op_contract.parse_reported(report().decode())
+
+
+def check_contract(reported, path='the operator library'):
+    """Raise ContractError unless `reported` ({op: names}) equals op_contract.INPUTS."""
+    problems = op_contract.mismatches(reported)
+    if problems:
+        raise ContractError(
+            'pbn_gluon: %s and pbn_gluon/op_contract.py disagree on the operators\' inputs '
+            '(csrc/pbn_ops.h lists them as X-macros; change both together):\n  %s'
+            % (path, '\n  '.join(problems)))
+
+
 def load():
-    """Build if needed and load the operator library once per process; returns its path."""
+    """Build if needed and load the operator library once per process, check its input
+    contract (ContractError); returns its path."""
     if 'path' not in _loaded:
         nvcc = _nvcc()
         path = _library(nvcc)
         mx.library.load(path, verbose=False)
+        check_contract(reported_contract(path), path)
         _loaded.update(path=path, cuda=nvcc is not None)
     return _loaded['path']
 

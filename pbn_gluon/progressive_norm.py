@@ -10,10 +10,10 @@ asynchronously by StatsSync):
 
 Gradients flow through m and v only; M, V and w are inputs of the graph. w = 1 gives plain
 BatchNorm, forward and backward; so does a step with no group sums yet (the first one).
-A layer is ``pbn_batch_norm`` (two passes over memory forward, two backward), a one-element
-BatchNorm of a constant that tells it the engine's mode without drawing random numbers
-(batch_stats.training_flag), and native identities in front of the inputs whose gradients may
-be accumulated.
+A layer is ``pbn_batch_norm`` (two passes over memory forward, two backward), its mode flag
+(batch_stats.training_flag: three one-element operators, a BatchNorm of a constant that tells
+it the engine's mode without drawing random numbers), and native identities in front of the
+inputs whose gradients may be accumulated.
 """
 from .batch_stats import BatchStatsNorm, training_flag
 from .schedules import local_weight_schedule, group_size_schedule

@@ -141,7 +141,9 @@ class SyncBatchNorm(BatchStatsNorm):
         sums = F.pbn_batch_sums(x, axis=self._axis)
         # pbn_batch_norm keeps the group sums in batch_sums
         group_sums, is_inference = F.Custom(sums, uid=self.uid, op_type='pbn_gluon_device_sum')
-        return group_sums, is_inference, is_inference   # no local weight in sync mode
+        # sync mode is local weight 0 (pbn_math.h): a real 0, one one-element operator; the
+        # kernels do not read it with local_stats=0, so no state or exchange is needed for it
+        return group_sums, F.zeros_like(is_inference), is_inference
 
     def _native_forward(self, F, x, gamma, beta, running_mean, running_var, batch_sums):
         """The same layer in MXNet's own operators, for several CPU contexts of one process.

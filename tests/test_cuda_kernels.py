@@ -1,5 +1,7 @@
 """The CUDA kernels (pbn_gluon/csrc/pbn_kernels.cuh), compiled with NVRTC through CuPy and
-launched as pbn_cuda.cu launches them, against a float64 NumPy reference of the spec.
+launched as pbn_cuda.cu launches them (its launch plan, pbn_plan, read back from the device
+through the test-only kernel pbn_launch_plan; constants and kernel names parsed from the header
+by tests/cuda_source.py), against a float64 NumPy reference of the spec.
 
 Per channel, with n elements, m and v this batch's mean and biased variance, M and V those of
 the group sums G = [sum x, sum x^2, count (, sum dy, sum dy xhat)] of an earlier step, w the
@@ -23,10 +25,9 @@ import os
 import numpy as np
 import pytest
 
-cupy = pytest.importorskip('cupy')
+import cuda_source
 
-CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'pbn_gluon',
-                    'csrc')
+cupy = pytest.importorskip('cupy')
 
 
 def _has_device():
@@ -40,105 +41,93 @@ pytestmark = pytest.mark.skipif(not _has_device(), reason='no CUDA device')
 
 f32, f64, i32, i64 = np.float32, np.float64, np.int32, np.int64
 
-
-def _define(source, name):
-    for line in source.splitlines():
-        words = line.split()
-        if words[:2] == ['#define', name]:
-            return int(words[2])
-    raise KeyError(name)
+#: compiles pbn_kernels.cuh's test-only kernel pbn_launch_plan (the launch plan, read back)
+PLAN_MACRO = 'PBN_LAUNCH_PLAN_KERNEL'
 
 
 class Kernels:
-    """The kernels of pbn_kernels.cuh, launched in the order and with the grids of pbn_cuda.cu.
-    Each prepare_* allocates the outputs and returns (run, outputs); run() launches."""
-
-    NAMES = ('pbn_moments_partial', 'pbn_grad_partial', 'pbn_norm_forward_finalize',
-             'pbn_norm_backward_finalize', 'pbn_sums_finalize', 'pbn_affine', 'pbn_affine_dy',
-             'pbn_running_update', 'pbn_accept_sums', 'pbn_sums_affine')
+    """The kernels of pbn_kernels.cuh, launched in the order of pbn_cuda.cu and with its grids
+    (pbn_plan, read back from the device). Each prepare_* allocates the outputs and returns
+    (run, outputs); run() launches."""
 
     def __init__(self):
-        with open(os.path.join(CSRC, 'pbn_kernels.cuh')) as f:
-            source = f.read()
-        self.threads = _define(source, 'PBN_THREADS')
-        self.ilp = _define(source, 'PBN_ILP')
-        module = cupy.RawModule(code=source, options=('-I' + CSRC,))
-        self.fn = {name: module.get_function(name) for name in self.NAMES}
+        source = cuda_source.read('pbn_kernels.cuh')
+        self.threads = cuda_source.define(source, 'PBN_THREADS')
+        module = cupy.RawModule(code=source, options=('-I' + cuda_source.CSRC,
+                                                      '-D' + PLAN_MACRO))
+        self.fn = {name: module.get_function(name) for name in cuda_source.kernels(source)}
         self.sms = cupy.cuda.Device().attributes['MultiProcessorCount']
 
     def plan(self, A, C, B, splits=None, affine_blocks=None):
-        """pbn_cuda.cu's plan_for: lanes, reduction splits, affine and finalize blocks."""
-        lanes = 1
-        while lanes < self.threads and lanes < B:
-            lanes *= 2
-        groups = self.threads // lanes
-        units = A * -(-B // lanes)
-        if splits is None:
-            splits = min(max(1, 4 * self.sms // max(1, C)), max(1, -(-units // groups)), 65535)
-        if affine_blocks is None:
-            affine_blocks = max(1, min(-(-C * units // (groups * self.ilp)), 8 * self.sms))
-        return lanes, splits, affine_blocks, -(-C // self.threads)
+        """pbn_cuda.cu's plan (pbn_plan on this device): lanes, reduction splits, affine and
+        finalize blocks; `splits` and `affine_blocks` override it."""
+        plan = cupy.zeros(4, i64)
+        self.fn['pbn_launch_plan']((1,), (1,), (i64(A), i64(C), i64(B), i64(self.sms), plan))
+        lanes, auto_splits, auto_affine, channel_blocks = (int(v) for v in cupy.asnumpy(plan))
+        return (lanes, auto_splits if splits is None else splits,
+                auto_affine if affine_blocks is None else affine_blocks, channel_blocks)
+
+    def _call(self, x, coef_rows, plan, w=None, is_inference=None):
+        """What a pbn_batch_norm launch needs: shape (int64), plan, workspace (partials
+        [splits][C][2] and `coef_rows` rows of C coefficients) and the one-element inputs."""
+        A, C, B = x.shape
+        lanes, splits, affine_blocks, channel_blocks = self.plan(A, C, B, **plan)
+        scalar = lambda v: None if v is None else cupy.full(1, v, f32)
+        return dict(A=A, C=C, B=B, shape=(i64(A), i64(C), i64(B)), lanes=i32(lanes),
+                    splits=splits, affine_blocks=affine_blocks, channel_blocks=channel_blocks,
+                    partials=cupy.empty(splits * C * 2, f32), coef=cupy.empty(coef_rows * C, f32),
+                    w=scalar(w), is_inference=scalar(is_inference), t=(self.threads,))
 
     def prepare_forward(self, x, gamma, beta, rmean, rvar, group, w, is_inference, local_stats,
                         fix_gamma, eps, **plan):
-        A, C, B = x.shape
-        lanes, splits, affine_blocks, channel_blocks = self.plan(A, C, B, **plan)
-        partials = cupy.empty(splits * C * 2, f32)
-        coef = cupy.empty(2 * C, f32)
+        k = self._call(x, 2, plan, w, is_inference)
+        C, shape, coef, t = k['C'], k['shape'], k['coef'], k['t']
         out = dict(y=cupy.empty_like(x), mean=cupy.empty(C, f32), invstd=cupy.empty(C, f32),
                    batch_sums=cupy.full((3, C), -7.0, f64))
-        w, is_inference = cupy.full(1, w, f32), cupy.full(1, is_inference, f32)
-        shape = (i64(A), i64(C), i64(B))
-        t = (self.threads,)
 
         def run():
-            self.fn['pbn_moments_partial']((C, splits), t, (x, *shape, i32(lanes), partials))
-            self.fn['pbn_norm_forward_finalize']((channel_blocks,), t, (
-                partials, i32(splits), x, *shape, gamma, beta, rmean, rvar, group, w,
-                is_inference, i32(local_stats), i32(fix_gamma), f32(eps), out['batch_sums'],
-                out['mean'], out['invstd'], coef))
-            self.fn['pbn_affine']((affine_blocks,), t, (
-                x, out['y'], coef, f32(1.0), coef[C:], *shape, i32(lanes)))
+            self.fn['pbn_moments_partial']((C, k['splits']), t, (
+                x, *shape, k['lanes'], k['partials']))
+            self.fn['pbn_norm_forward_finalize']((k['channel_blocks'],), t, (
+                k['partials'], i32(k['splits']), x, *shape, gamma, beta, rmean, rvar, group,
+                k['w'], k['is_inference'], i32(local_stats), i32(fix_gamma), f32(eps),
+                out['batch_sums'], out['mean'], out['invstd'], coef))
+            self.fn['pbn_affine']((k['affine_blocks'],), t, (
+                x, out['y'], coef, f32(1.0), coef[C:], *shape, k['lanes']))
         return run, out
 
     def prepare_backward(self, dy, x, gamma, group, w, is_inference, local_stats, fix_gamma,
                          mean, invstd, **plan):
-        A, C, B = x.shape
-        lanes, splits, affine_blocks, channel_blocks = self.plan(A, C, B, **plan)
-        partials = cupy.empty(splits * C * 2, f32)
-        coef = cupy.empty(3 * C, f32)
+        k = self._call(x, 3, plan, w, is_inference)
+        C, shape, coef, t = k['C'], k['shape'], k['coef'], k['t']
         out = dict(dx=cupy.empty_like(x), dgamma=cupy.empty(C, f32), dbeta=cupy.empty(C, f32),
                    dgroup=cupy.full(group.shape, -7.0, f64),
                    grad_rows=cupy.full((2, C), -7.0, f64))
-        w, is_inference = cupy.full(1, w, f32), cupy.full(1, is_inference, f32)
-        shape = (i64(A), i64(C), i64(B))
-        t = (self.threads,)
 
         def run():
-            self.fn['pbn_grad_partial']((C, splits), t, (
-                dy, x, mean, *shape, i32(lanes), partials))
-            self.fn['pbn_norm_backward_finalize']((channel_blocks,), t, (
-                partials, i32(splits), i64(A * B), i64(C), gamma, group, i32(group.shape[0]),
-                w, is_inference, i32(local_stats), i32(fix_gamma), mean, invstd, out['dgamma'],
-                out['dbeta'], out['dgroup'], out['grad_rows'], coef))
-            self.fn['pbn_affine_dy']((affine_blocks,), t, (
-                x, dy, out['dx'], coef, coef[C:], coef[2 * C:], *shape, i32(lanes)))
+            self.fn['pbn_grad_partial']((C, k['splits']), t, (
+                dy, x, mean, *shape, k['lanes'], k['partials']))
+            self.fn['pbn_norm_backward_finalize']((k['channel_blocks'],), t, (
+                k['partials'], i32(k['splits']), i64(k['A'] * k['B']), i64(C), gamma, group,
+                i32(group.shape[0]), k['w'], k['is_inference'], i32(local_stats),
+                i32(fix_gamma), mean, invstd, out['dgamma'], out['dbeta'], out['dgroup'],
+                out['grad_rows'], coef))
+            self.fn['pbn_affine_dy']((k['affine_blocks'],), t, (
+                x, dy, out['dx'], coef, coef[C:], coef[2 * C:], *shape, k['lanes']))
         return run, out
 
     def prepare_sums(self, x, dsums, **plan):
-        A, C, B = x.shape
-        lanes, splits, affine_blocks, channel_blocks = self.plan(A, C, B, **plan)
-        partials = cupy.empty(splits * C * 2, f32)
+        k = self._call(x, 0, plan)
+        C, shape, t = k['C'], k['shape'], k['t']
         out = dict(sums=cupy.empty((3, C), f64), dx=cupy.empty_like(x))
-        shape = (i64(A), i64(C), i64(B))
-        t = (self.threads,)
 
         def run():
-            self.fn['pbn_moments_partial']((C, splits), t, (x, *shape, i32(lanes), partials))
-            self.fn['pbn_sums_finalize']((channel_blocks,), t, (
-                partials, i32(splits), x, *shape, out['sums']))
-            self.fn['pbn_sums_affine']((affine_blocks,), t, (
-                x, out['dx'], dsums[1], f32(2.0), dsums[0], *shape, i32(lanes)))
+            self.fn['pbn_moments_partial']((C, k['splits']), t, (
+                x, *shape, k['lanes'], k['partials']))
+            self.fn['pbn_sums_finalize']((k['channel_blocks'],), t, (
+                k['partials'], i32(k['splits']), x, *shape, out['sums']))
+            self.fn['pbn_sums_affine']((k['affine_blocks'],), t, (
+                x, out['dx'], dsums[1], f32(2.0), dsums[0], *shape, k['lanes']))
         return run, out
 
 

@@ -9,6 +9,7 @@ from mxnet import autograd, gluon, nd
 
 import pbn_gluon
 import reference
+from pbn_gluon import op_contract, ops
 from test_progressive_norm import BETA, C, EPS, GAMMA, batches, build, step
 
 
@@ -19,18 +20,67 @@ def run_op(x, group, w, dy, training=True, local_stats=True, axis=1, running=Non
     c = x.shape[axis]
     rows = len(group)
     running = running or (np.zeros(c), np.ones(c))
-    gamma, beta = nd.array(GAMMA[:c]), nd.array(BETA[:c])
-    args = [nd.array(x), gamma, beta, nd.array(running[0]), nd.array(running[1]),
-            nd.array(group, dtype='float64'), nd.array([w]), nd.array([0.0 if training else 1.0])]
+    data, gamma, beta = nd.array(x), nd.array(GAMMA[:c]), nd.array(BETA[:c])
+    group_sums = nd.array(group, dtype='float64')
     batch_sums = nd.zeros(rows * c, dtype='float64')
-    for a in (args[0], gamma, beta, args[5]):
+    for a in (data, gamma, beta, group_sums):
         a.attach_grad()
+    inputs = op_contract.inputs(
+        'pbn_batch_norm', data=data, gamma=gamma, beta=beta, running_mean=nd.array(running[0]),
+        running_var=nd.array(running[1]), group_sums=group_sums, local_weight=nd.array([w]),
+        is_inference=nd.array([op_contract.mode_value(training)]), batch_sums=batch_sums)
     with autograd.record():
-        y = nd.pbn_batch_norm(*args, batch_sums, axis=axis, eps=EPS,
-                              local_stats=local_stats)[0]
+        y = nd.pbn_batch_norm(*inputs, axis=axis, eps=EPS, local_stats=local_stats)[0]
     y.backward(nd.array(dy))
-    return (y.asnumpy(), args[0].grad.asnumpy(), gamma.grad.asnumpy(), beta.grad.asnumpy(),
-            args[5].grad.asnumpy(), batch_sums.asnumpy().reshape(rows, c))
+    return (y.asnumpy(), data.grad.asnumpy(), gamma.grad.asnumpy(), beta.grad.asnumpy(),
+            group_sums.grad.asnumpy(), batch_sums.asnumpy().reshape(rows, c))
+
+
+def test_library_reports_the_python_contract():
+    """The loaded library's operators take their inputs in op_contract's order (checked at
+    load too; pbn_ops.h's X-macro lists are the C++ side)."""
+    assert ops.reported_contract(ops.load()) == op_contract.INPUTS
+
+
+def test_a_contract_mismatch_names_every_difference():
+    swapped = dict(op_contract.INPUTS)
+    names = list(swapped['pbn_batch_norm'])
+    names[6], names[7] = names[7], names[6]
+    swapped['pbn_batch_norm'] = tuple(names)
+    del swapped['pbn_take_sums']
+    swapped['pbn_extra'] = ('data',)
+    with pytest.raises(ops.ContractError) as info:
+        ops.check_contract(swapped, 'libtest.so')
+    message = str(info.value)
+    assert 'libtest.so' in message and 'op_contract' in message
+    assert ('pbn_batch_norm: the library takes (%s), pbn_gluon.op_contract says (%s)'
+            % (', '.join(names), ', '.join(op_contract.INPUTS['pbn_batch_norm']))) in message
+    assert 'pbn_take_sums: not in the library' in message
+    assert 'pbn_extra: in the library but not in pbn_gluon.op_contract' in message
+    ops.check_contract(dict(op_contract.INPUTS))     # agreement: no error
+
+
+def test_a_library_without_the_report_is_a_contract_error():
+    with pytest.raises(ops.ContractError, match='not built from these sources'):
+        ops.reported_contract(mx.base._LIB._name)    # libmxnet itself: no pbn_operator_inputs
+
+
+def test_contract_report_parsing():
+    """The library's report is 'op=a,b,;op2=c,;' (the C++ lists leave trailing commas)."""
+    assert op_contract.parse_reported('a=x,y,;b=z,;') == {'a': ('x', 'y'), 'b': ('z',)}
+    assert op_contract.parse_reported('') == {}
+    with pytest.raises(ValueError):
+        op_contract.parse_reported('a=x;b')
+
+
+def test_inputs_are_built_by_name():
+    assert op_contract.inputs('pbn_take_sums', local=1) == [1]
+    assert op_contract.inputs('pbn_running_update', running_var=5, stats=3, gather=1,
+                              momentum=2, running_mean=4) == [1, 2, 3, 4, 5]
+    with pytest.raises(TypeError, match='missing local; unknown lokal'):
+        op_contract.inputs('pbn_take_sums', lokal=1)
+    assert op_contract.mode_value(True) == op_contract.TRAINING == 0.0
+    assert op_contract.mode_value(False) == op_contract.INFERENCE == 1.0
 
 
 def group_sums_of(xs, dys=None, rows=3):
@@ -138,11 +188,13 @@ def test_batch_sums_gradient():
 @pytest.mark.parametrize('norm,expected', [
     (pbn_gluon.ProgressiveBatchNorm, ['_copy', '_copy', 'ones_like', 'BatchNorm', 'BlockGrad',
                                       'pbn_batch_norm']),
-    (pbn_gluon.SyncBatchNorm, ['_copy', '_copy', 'pbn_batch_sums', 'Custom', 'pbn_batch_norm'])])
+    (pbn_gluon.SyncBatchNorm, ['_copy', '_copy', 'pbn_batch_sums', 'Custom', 'zeros_like',
+                               'pbn_batch_norm'])])
 def test_layer_forward_graph_is_a_few_operators(norm, expected):
     """Counted from the symbol JSON of a layer inside a graph (nn.BatchNorm is 1): identities
     (_copy) in front of gamma and beta, whose gradients they accumulate under grad_req 'add';
-    PBN's one-element mode flag (BatchNorm of a constant); one fused operator. A layer whose
+    PBN's one-element mode flag (BatchNorm of a constant); SyncBN's local weight 0 (zeros_like
+    of its one-element mode flag); one fused operator. A layer whose
     input is a graph input also copies x (a gradient of its own to accumulate)."""
     x = mx.sym.relu(mx.sym.var('data'))
     out = norm(in_channels=4)(x)

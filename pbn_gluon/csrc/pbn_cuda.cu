@@ -1,11 +1,11 @@
-/* CUDA launchers of the fused PBN operators (declared in pbn_ops.h; kernels in pbn_kernels.cuh).
+/* The GPU callbacks of the fused PBN operators (kernels in pbn_kernels.cuh), registered here
+ * beside the CPU ones of pbn_ops.cc, from the same unpacked calls (pbn_ops.h).
  *
  * Each operator is a reduction (grid C x splits), a per-channel finalize and an elementwise
- * pass, all on the operator's stream; the partial sums and per-channel coefficients live in
- * MXNet's temporary GPU space. Passes over the big tensors: forward reads x twice and writes y,
- * backward reads (dy, x) twice and writes dx.
+ * pass, all on the operator's stream, cut up by pbn_plan; the partial sums and per-channel
+ * coefficients live in MXNet's temporary GPU space. Passes over the big tensors: forward reads
+ * x twice and writes y, backward reads (dy, x) twice and writes dx.
  */
-#include <algorithm>
 #include <atomic>
 #include <climits>
 
@@ -13,12 +13,12 @@
 #include "pbn_ops.h"
 #include "pbn_kernels.cuh"
 
+using namespace mxnet::ext;
+using namespace pbn;
+
 namespace {
 
-const int kReductionBlocksPerSm = 4;
-const int kAffineBlocksPerSm = 8; /* 8 x 256 threads: a full H100/A100 SM */
 const int kMaxDevices = 64;
-const long kMaxGridY = 65535;
 
 /* Streaming multiprocessors of the current device, looked up once per device. */
 int sm_count() {
@@ -37,166 +37,154 @@ int sm_count() {
   return count;
 }
 
-/* How the passes over one (A, C, B) tensor are cut up (see pbn_kernels.cuh). */
-struct Plan {
-  int lanes;           /* threads on one run of a row: the power of two >= B, <= PBN_THREADS */
-  int splits;          /* reduction blocks per channel */
-  unsigned affine_blocks;
-  unsigned channel_blocks; /* finalize */
+MXReturnValue cuda_ok(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return MX_SUCCESS;
+  MX_ERROR_MSG << "pbn_gluon: " << what << " failed: " << cudaGetErrorString(err);
+  return MX_FAIL;
+}
+
+MXReturnValue launched(const char* what) {
+  return cuda_ok(cudaGetLastError(), what);
+}
+
+MXReturnValue zero(void* p, size_t bytes, const OpResource& res) {
+  if (bytes == 0) return MX_SUCCESS;
+  return cuda_ok(cudaMemsetAsync(p, 0, bytes, res.get_cuda_stream()), "zeroing a tensor");
+}
+
+/* One call's passes over an (A, C, B) tensor of at least one channel: its launch plan, its
+ * stream and its workspace (partials [splits][C][2], then coefficient rows of C). */
+struct Passes {
+  const PbnLayout& l;
+  const PbnPlan p;
+  const cudaStream_t stream;
+  float* partials = nullptr;
+  float* coef = nullptr;
+
+  Passes(const PbnLayout& layout, const OpResource& res)
+      : l(layout), p(pbn_plan(l.outer, l.channels, l.inner, sm_count())),
+        stream(res.get_cuda_stream()) {}
+
+  dim3 reduction_grid() const { return dim3(l.channels, p.splits); }
+
+  /* Allocates the workspace with `coef_rows` rows of coefficients. */
+  bool workspace(int coef_rows, const OpResource& res) {
+    const size_t floats = (static_cast<size_t>(p.splits) * 2 + coef_rows) * l.channels;
+    if (floats * sizeof(float) > static_cast<size_t>(INT_MAX)) {
+      MX_ERROR_MSG << "pbn_gluon: " << l.channels << " channels need more GPU workspace than "
+                   << "MXNet can allocate at once";
+      return false;
+    }
+    partials = static_cast<float*>(res.alloc_gpu(static_cast<int>(floats * sizeof(float))));
+    if (partials == nullptr) {
+      MX_ERROR_MSG << "pbn_gluon: could not allocate " << floats * sizeof(float)
+                   << " bytes of GPU workspace";
+      return false;
+    }
+    coef = partials + static_cast<size_t>(p.splits) * 2 * l.channels;
+    return true;
+  }
+
+  /* The workspace, and the reduction pass of the forward: partials of x's moments. */
+  bool moments(const float* x, int coef_rows, const OpResource& res) {
+    if (!workspace(coef_rows, res)) return false;
+    pbn_moments_partial<<<reduction_grid(), PBN_THREADS, 0, stream>>>(
+        x, l.outer, l.channels, l.inner, p.lanes, partials);
+    return true;
+  }
 };
 
-Plan plan_for(const PbnLayout& l) {
-  Plan p;
-  p.lanes = 1;
-  while (p.lanes < PBN_THREADS && p.lanes < l.inner) p.lanes *= 2;
-  const long groups = PBN_THREADS / p.lanes; /* units a block takes at once */
-  const long chunks = (l.inner + p.lanes - 1) / p.lanes;
-  const long units = l.outer * chunks; /* per channel */
-  const long sms = sm_count();
-  /* C * splits ~ kReductionBlocksPerSm blocks per SM, each block with work */
-  long splits = std::max(1L, kReductionBlocksPerSm * sms / std::max(1L, l.channels));
-  splits = std::min({splits, std::max(1L, (units + groups - 1) / groups), kMaxGridY});
-  p.splits = static_cast<int>(splits);
-  const long affine_units = l.channels * units;
-  const long per_block = groups * PBN_ILP;
-  p.affine_blocks = static_cast<unsigned>(
-      std::max(1L, std::min((affine_units + per_block - 1) / per_block,
-                            kAffineBlocksPerSm * sms)));
-  p.channel_blocks = static_cast<unsigned>(
-      std::min((l.channels + PBN_THREADS - 1) / PBN_THREADS, static_cast<long>(INT_MAX)));
-  return p;
+PBN_CALLBACK(norm_forward_gpu) {
+  NormForward f(attrs, inputs, outputs);
+  if (!f.ok) return MX_FAIL;
+  if (f.l.channels == 0) return MX_SUCCESS;
+  const PbnLayout& l = f.l;
+  Passes s(l, res);
+  if (!s.moments(f.x, 2, res)) return MX_FAIL;
+  pbn_norm_forward_finalize<<<s.p.channel_blocks, PBN_THREADS, 0, s.stream>>>(
+      s.partials, s.p.splits, f.x, l.outer, l.channels, l.inner, f.gamma, f.beta,
+      f.running_mean, f.running_var, f.group_sums, f.local_weight, f.is_inference,
+      f.mode.local_stats, f.mode.fix_gamma, f.mode.eps, f.batch_sums, f.mean, f.invstd, s.coef);
+  pbn_affine<<<s.p.affine_blocks, PBN_THREADS, 0, s.stream>>>(
+      f.x, f.y, s.coef, 1.f, s.coef + l.channels, l.outer, l.channels, l.inner, s.p.lanes);
+  return launched("the CUDA kernels of pbn_batch_norm (forward)");
 }
 
-/* partials [splits][C][2] followed by `coef_rows` rows of C coefficients. */
-bool alloc_workspace(const PbnLayout& l, const Plan& p, int coef_rows,
-                     const mxnet::ext::OpResource& res, float** partials, float** coef) {
-  const size_t floats = (static_cast<size_t>(p.splits) * 2 + coef_rows) * l.channels;
-  if (floats * sizeof(float) > static_cast<size_t>(INT_MAX)) {
-    MX_ERROR_MSG << "pbn_gluon: " << l.channels << " channels need more GPU workspace than "
-                 << "MXNet can allocate at once";
-    return false;
+PBN_CALLBACK(norm_backward_gpu) {
+  NormBackward b(attrs, inputs, outputs);
+  for (MXTensor* t : b.no_grad) {
+    if (zero(t->data_ptr, nbytes(*t), res) != MX_SUCCESS) return MX_FAIL;
   }
-  *partials = static_cast<float*>(res.alloc_gpu(static_cast<int>(floats * sizeof(float))));
-  if (*partials == nullptr) {
-    MX_ERROR_MSG << "pbn_gluon: could not allocate " << floats * sizeof(float)
-                 << " bytes of GPU workspace";
-    return false;
-  }
-  *coef = *partials + static_cast<size_t>(p.splits) * 2 * l.channels;
-  return true;
+  if (b.l.channels == 0) return MX_SUCCESS;
+  const PbnLayout& l = b.l;
+  Passes s(l, res);
+  if (!s.workspace(3, res)) return MX_FAIL;
+  pbn_grad_partial<<<s.reduction_grid(), PBN_THREADS, 0, s.stream>>>(
+      b.dy, b.x, b.mean, l.outer, l.channels, l.inner, s.p.lanes, s.partials);
+  /* the kernel writes grad_rows only while training (it reads is_inference) */
+  pbn_norm_backward_finalize<<<s.p.channel_blocks, PBN_THREADS, 0, s.stream>>>(
+      s.partials, s.p.splits, l.outer * l.inner, l.channels, b.gamma, b.group_sums,
+      b.group_rows, b.local_weight, b.is_inference, b.mode.local_stats, b.mode.fix_gamma,
+      b.mean, b.invstd, b.dgamma, b.dbeta, b.dgroup, b.grad_rows, s.coef);
+  pbn_affine_dy<<<s.p.affine_blocks, PBN_THREADS, 0, s.stream>>>(
+      b.x, b.dy, b.dx, s.coef, s.coef + l.channels, s.coef + 2 * l.channels, l.outer,
+      l.channels, l.inner, s.p.lanes);
+  return launched("the CUDA kernels of pbn_batch_norm (backward)");
 }
 
-bool launched(const char* what) {
-  cudaError_t err = cudaGetLastError();
-  if (err == cudaSuccess) return true;
-  MX_ERROR_MSG << "pbn_gluon: the CUDA kernels of " << what << " failed: "
-               << cudaGetErrorString(err);
-  return false;
+PBN_CALLBACK(sums_forward_gpu) {
+  SumsForward f(attrs, inputs, outputs);
+  if (f.l.channels == 0) return MX_SUCCESS;
+  Passes s(f.l, res);
+  if (!s.moments(f.x, 0, res)) return MX_FAIL;
+  pbn_sums_finalize<<<s.p.channel_blocks, PBN_THREADS, 0, s.stream>>>(
+      s.partials, s.p.splits, f.x, f.l.outer, f.l.channels, f.l.inner, f.sums);
+  return launched("the CUDA kernels of pbn_batch_sums (forward)");
+}
+
+/* dx = dsums[0, c] + 2 x dsums[1, c] */
+PBN_CALLBACK(sums_backward_gpu) {
+  SumsBackward b(attrs, inputs, outputs);
+  if (b.l.channels == 0) return MX_SUCCESS;
+  const PbnLayout& l = b.l;
+  Passes s(l, res);
+  pbn_sums_affine<<<s.p.affine_blocks, PBN_THREADS, 0, s.stream>>>(
+      b.x, b.dx, b.dsums + l.channels, 2.f, b.dsums, l.outer, l.channels, l.inner, s.p.lanes);
+  return launched("the CUDA kernels of pbn_batch_sums (backward)");
+}
+
+PBN_CALLBACK(running_update_gpu) {
+  RunningUpdate u(inputs, outputs);
+  const long blocks = pbn_max(1, pbn_min((u.t + PBN_THREADS - 1) / PBN_THREADS, 4096));
+  pbn_running_update<<<static_cast<unsigned>(blocks), PBN_THREADS, 0, res.get_cuda_stream()>>>(
+      u.stats, u.gather, u.momentum, u.t, u.running_mean, u.running_var, u.channel_count);
+  if (launched("the CUDA kernel of pbn_running_update") != MX_SUCCESS) return MX_FAIL;
+  return zero(u.stats, u.stats_size * sizeof(pbn_sum_t), res);
+}
+
+PBN_CALLBACK(take_sums_gpu) {
+  TakeSums s(inputs, outputs);
+  if (s.bytes == 0) return MX_SUCCESS;
+  if (cuda_ok(cudaMemcpyAsync(s.taken, s.local, s.bytes, cudaMemcpyDeviceToDevice,
+                              res.get_cuda_stream()), "copying batch sums") != MX_SUCCESS) {
+    return MX_FAIL;
+  }
+  return zero(s.local, s.bytes, res);
+}
+
+/* one block (pbn_kernels.cuh) */
+PBN_CALLBACK(accept_sums_gpu) {
+  AcceptSums a(inputs, outputs);
+  pbn_accept_sums<<<1, PBN_THREADS, 0, res.get_cuda_stream()>>>(
+      a.local, a.group, a.rate, a.k, a.global, a.fresh, a.health, a.group_ok);
+  return launched("the CUDA kernel of pbn_accept_sums");
 }
 
 }  // namespace
 
-bool pbn_norm_forward_cuda(const PbnLayout& l, const PbnMode& mode, const float* x,
-                           const float* gamma, const float* beta, const float* running_mean,
-                           const float* running_var, const pbn_sum_t* group_sums,
-                           const float* local_weight, const float* is_inference,
-                           pbn_sum_t* batch_sums, float* y, float* mean, float* invstd,
-                           const mxnet::ext::OpResource& res) {
-  if (l.channels == 0) return true;
-  const Plan p = plan_for(l);
-  float *partials, *coef;
-  if (!alloc_workspace(l, p, 2, res, &partials, &coef)) return false;
-  cudaStream_t stream = res.get_cuda_stream();
-  pbn_moments_partial<<<dim3(l.channels, p.splits), PBN_THREADS, 0, stream>>>(
-      x, l.outer, l.channels, l.inner, p.lanes, partials);
-  pbn_norm_forward_finalize<<<p.channel_blocks, PBN_THREADS, 0, stream>>>(
-      partials, p.splits, x, l.outer, l.channels, l.inner, gamma, beta, running_mean,
-      running_var, group_sums, local_weight, is_inference, mode.local_stats, mode.fix_gamma,
-      mode.eps, batch_sums, mean, invstd, coef);
-  pbn_affine<<<p.affine_blocks, PBN_THREADS, 0, stream>>>(
-      x, y, coef, 1.f, coef + l.channels, l.outer, l.channels, l.inner, p.lanes);
-  return launched("pbn_batch_norm (forward)");
-}
-
-bool pbn_norm_backward_cuda(const PbnLayout& l, const PbnMode& mode, const float* dy,
-                            const float* x, const float* gamma, const pbn_sum_t* group_sums,
-                            int group_rows, const float* local_weight,
-                            const float* is_inference, const float* mean, const float* invstd,
-                            float* dx, float* dgamma, float* dbeta, pbn_sum_t* dgroup,
-                            pbn_sum_t* grad_rows, const mxnet::ext::OpResource& res) {
-  if (l.channels == 0) return true;
-  const Plan p = plan_for(l);
-  float *partials, *coef;
-  if (!alloc_workspace(l, p, 3, res, &partials, &coef)) return false;
-  cudaStream_t stream = res.get_cuda_stream();
-  pbn_grad_partial<<<dim3(l.channels, p.splits), PBN_THREADS, 0, stream>>>(
-      dy, x, mean, l.outer, l.channels, l.inner, p.lanes, partials);
-  pbn_norm_backward_finalize<<<p.channel_blocks, PBN_THREADS, 0, stream>>>(
-      partials, p.splits, l.outer * l.inner, l.channels, gamma, group_sums, group_rows,
-      local_weight, is_inference, mode.local_stats, mode.fix_gamma, mean, invstd, dgamma, dbeta,
-      dgroup, grad_rows, coef);
-  pbn_affine_dy<<<p.affine_blocks, PBN_THREADS, 0, stream>>>(
-      x, dy, dx, coef, coef + l.channels, coef + 2 * l.channels, l.outer, l.channels, l.inner,
-      p.lanes);
-  return launched("pbn_batch_norm (backward)");
-}
-
-bool pbn_sums_forward_cuda(const PbnLayout& l, const float* x, pbn_sum_t* sums,
-                           const mxnet::ext::OpResource& res) {
-  if (l.channels == 0) return true;
-  const Plan p = plan_for(l);
-  float *partials, *coef;
-  if (!alloc_workspace(l, p, 0, res, &partials, &coef)) return false;
-  cudaStream_t stream = res.get_cuda_stream();
-  pbn_moments_partial<<<dim3(l.channels, p.splits), PBN_THREADS, 0, stream>>>(
-      x, l.outer, l.channels, l.inner, p.lanes, partials);
-  pbn_sums_finalize<<<p.channel_blocks, PBN_THREADS, 0, stream>>>(
-      partials, p.splits, x, l.outer, l.channels, l.inner, sums);
-  return launched("pbn_batch_sums (forward)");
-}
-
-/* dx = dsums[0, c] + 2 x dsums[1, c] */
-bool pbn_sums_backward_cuda(const PbnLayout& l, const pbn_sum_t* dsums, const float* x,
-                            float* dx, const mxnet::ext::OpResource& res) {
-  if (l.channels == 0) return true;
-  const Plan p = plan_for(l);
-  pbn_sums_affine<<<p.affine_blocks, PBN_THREADS, 0, res.get_cuda_stream()>>>(
-      x, dx, dsums + l.channels, 2.0, dsums, l.outer, l.channels, l.inner, p.lanes);
-  return launched("pbn_batch_sums (backward)");
-}
-
-bool pbn_zero_cuda(void* p, size_t bytes, const mxnet::ext::OpResource& res) {
-  if (bytes == 0) return true;
-  cudaError_t err = cudaMemsetAsync(p, 0, bytes, res.get_cuda_stream());
-  if (err == cudaSuccess) return true;
-  MX_ERROR_MSG << "pbn_gluon: zeroing a gradient failed: " << cudaGetErrorString(err);
-  return false;
-}
-
-bool pbn_copy_cuda(void* dst, const void* src, size_t bytes, const mxnet::ext::OpResource& res) {
-  if (bytes == 0) return true;
-  cudaError_t err = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice,
-                                    res.get_cuda_stream());
-  if (err == cudaSuccess) return true;
-  MX_ERROR_MSG << "pbn_gluon: copying batch sums failed: " << cudaGetErrorString(err);
-  return false;
-}
-
-bool pbn_running_update_cuda(const pbn_sum_t* stats, const double* gather,
-                             const float* momentum, long channels, float* running_mean,
-                             float* running_var, float* channel_count,
-                             const mxnet::ext::OpResource& res) {
-  long blocks = (channels + PBN_THREADS - 1) / PBN_THREADS;
-  blocks = blocks < 1 ? 1 : (blocks > 4096 ? 4096 : blocks);
-  pbn_running_update<<<static_cast<unsigned>(blocks), PBN_THREADS, 0, res.get_cuda_stream()>>>(
-      stats, gather, momentum, channels, running_mean, running_var, channel_count);
-  return launched("pbn_running_update");
-}
-
-bool pbn_accept_sums_cuda(const pbn_sum_t* local, const pbn_sum_t* group, const pbn_sum_t* rate,
-                          long k, pbn_sum_t* global, pbn_sum_t* fresh, float* health,
-                          float* group_ok, const mxnet::ext::OpResource& res) {
-  pbn_accept_sums<<<1, PBN_THREADS, 0, res.get_cuda_stream()>>>(local, group, rate, k, global,
-                                                                fresh, health, group_ok);
-  return launched("pbn_accept_sums");
-}
+/* Attributes, shapes, types and the CPU callbacks are registered in pbn_ops.cc. */
+PBN_OP(pbn_batch_norm).setForward(norm_forward_gpu, "gpu").setBackward(norm_backward_gpu, "gpu");
+PBN_OP(pbn_batch_sums).setForward(sums_forward_gpu, "gpu").setBackward(sums_backward_gpu, "gpu");
+PBN_OP(pbn_running_update).setForward(running_update_gpu, "gpu");
+PBN_OP(pbn_take_sums).setForward(take_sums_gpu, "gpu");
+PBN_OP(pbn_accept_sums).setForward(accept_sums_gpu, "gpu");

@@ -18,8 +18,9 @@
  *   pbn_running_update         per channel of a whole net: running statistics from group sums
  *   pbn_accept_sums            one block: StatsSync's finiteness check and (averaged) update
  *
- * Launch every kernel with PBN_THREADS threads. Per-thread sums are float (each thread adds
- * a few hundred shifted values at most), partials across splits are combined in double.
+ * Launch every kernel with PBN_THREADS threads, on the grids of pbn_plan. Per-thread sums are
+ * float (each thread adds a few hundred shifted values at most), partials across splits are
+ * combined in double.
  */
 #ifndef PBN_KERNELS_CUH_
 #define PBN_KERNELS_CUH_
@@ -28,6 +29,51 @@
 
 #define PBN_THREADS 256
 #define PBN_ILP 4 /* units a thread loads before it adds them up */
+
+/* The launch plan (pbn_plan), which pbn_cuda.cu launches with and tests/test_cuda_kernels.py
+ * reads back through pbn_launch_plan. */
+#define PBN_REDUCTION_BLOCKS_PER_SM 4 /* C * splits ~ this many reduction blocks per SM */
+#define PBN_AFFINE_BLOCKS_PER_SM 8    /* 8 x 256 threads: a full H100/A100 SM */
+#define PBN_MAX_GRID_Y 65535
+
+/* How the passes over one (A, C, B) tensor are cut up on a device of `sms` multiprocessors. */
+struct PbnPlan {
+  int lanes;               /* threads on one run of a row: the power of two >= B, <= PBN_THREADS */
+  int splits;              /* reduction blocks per channel: grid (C, splits) */
+  unsigned affine_blocks;  /* elementwise passes */
+  unsigned channel_blocks; /* finalize */
+};
+
+PBN_HD long pbn_min(long a, long b) { return a < b ? a : b; }
+PBN_HD long pbn_max(long a, long b) { return a > b ? a : b; }
+
+PBN_HD PbnPlan pbn_plan(long A, long C, long B, long sms) {
+  PbnPlan p;
+  p.lanes = 1;
+  while (p.lanes < PBN_THREADS && p.lanes < B) p.lanes *= 2;
+  const long groups = PBN_THREADS / p.lanes; /* units a block takes at once */
+  const long units = A * ((B + p.lanes - 1) / p.lanes); /* per channel */
+  const long splits = pbn_max(1, PBN_REDUCTION_BLOCKS_PER_SM * sms / pbn_max(1, C));
+  p.splits = (int)pbn_min(pbn_min(splits, pbn_max(1, (units + groups - 1) / groups)),
+                          PBN_MAX_GRID_Y);
+  const long per_block = groups * PBN_ILP;
+  p.affine_blocks = (unsigned)pbn_max(
+      1, pbn_min((C * units + per_block - 1) / per_block, PBN_AFFINE_BLOCKS_PER_SM * sms));
+  p.channel_blocks = (unsigned)pbn_min((C + PBN_THREADS - 1) / PBN_THREADS, 0x7fffffffL);
+  return p;
+}
+
+#ifdef PBN_LAUNCH_PLAN_KERNEL
+/* For tests/test_cuda_kernels.py only (compiled with -DPBN_LAUNCH_PLAN_KERNEL): plan =
+ * [lanes, splits, affine_blocks, channel_blocks] of pbn_plan. */
+extern "C" __global__ void pbn_launch_plan(long A, long C, long B, long sms, long* plan) {
+  const PbnPlan p = pbn_plan(A, C, B, sms);
+  plan[0] = p.lanes;
+  plan[1] = p.splits;
+  plan[2] = p.affine_blocks;
+  plan[3] = p.channel_blocks;
+}
+#endif
 
 /* Walks units u, u + step, u + 2 step, ... of a (rows x chunks) grid of units without a
  * division per step. */

@@ -33,8 +33,9 @@
 
 typedef double pbn_sum_t;
 
-/* The operators' training-mode flag is 0 while training and ~1 in inference (a one-element
- * BatchNorm of a constant, or SyncBN's exchange operator), so the threshold is 1/2. */
+/* The operators' training-mode flag (is_inference) is 0 while training and 1 in inference
+ * (pbn_gluon/op_contract.py: TRAINING, INFERENCE; made by a one-element BatchNorm of a
+ * constant, or SyncBN's exchange operator), so the threshold is 1/2. */
 PBN_HD int pbn_is_training(float is_inference) { return is_inference < 0.5f; }
 
 /* What one forward call is asked to do, read from attributes and one-element inputs. */

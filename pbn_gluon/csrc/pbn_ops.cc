@@ -35,9 +35,13 @@
  * accumulated in double around a per-channel shift (the channel's first element), so the
  * variance keeps its precision when |mean| >> std and for large N*H*W.
  *
- * is_inference: a one-element tensor read by the kernel, 0 while training and ~1 in inference
+ * is_inference: a one-element tensor read by the kernel, 0 while training and 1 in inference
  * (pbn_math.h: pbn_is_training). The extension API does not give operators MXNet's training
- * flag, so the graph hands it over as data.
+ * flag, so the graph hands it over as data. local_weight is read with local_stats=1 only; sync
+ * mode is local weight 0 (SyncBN passes a 0).
+ *
+ * The inputs' order, names and dtypes are pbn_ops.h's X-macro lists, reported to pbn_gluon by
+ * pbn_operator_inputs (checked at load against pbn_gluon/op_contract.py).
  *
  * Gradients are written, never added: lib_api.h hands an operator no OpReqType. The layers
  * put a native identity in front of an input whose gradient is accumulated (grad_req 'add').
@@ -45,7 +49,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -55,52 +58,47 @@
 
 using namespace mxnet::ext;
 
+/* --------------------------- contract, registry, unpacking (shared) ----------------------- */
+
+/* "op=input,input,...;" for every operator, from pbn_ops.h's lists (pbn_gluon.ops checks it). */
+#define PBN_CSV(id, name, dtype) name ","
+extern "C" __attribute__((visibility("default"))) const char* pbn_operator_inputs() {
+  return "pbn_batch_norm=" PBN_NORM_INPUTS(PBN_CSV) ";pbn_batch_sums=" PBN_SUMS_INPUTS(PBN_CSV)
+         ";pbn_running_update=" PBN_RUNNING_INPUTS(PBN_CSV)
+         ";pbn_take_sums=" PBN_TAKE_INPUTS(PBN_CSV)
+         ";pbn_accept_sums=" PBN_ACCEPT_INPUTS(PBN_CSV) ";";
+}
+#undef PBN_CSV
+
+namespace pbn {
+
+CustomOp& op(const char* name) {
+  Registry<CustomOp>* registry = Registry<CustomOp>::get();
+  for (int i = 0; i < registry->size(); ++i) {
+    if (std::strcmp(registry->get(i).name, name) == 0) return registry->get(i);
+  }
+  return registry->add(name);
+}
+
+OpParams::OpParams(const Attrs& attrs) {
+  auto flag = [&](const char* key, int* out) {
+    auto it = attrs.find(key);
+    if (it == attrs.end()) return;
+    const std::string& v = it->second;
+    *out = v == "True" || v == "true" ? 1 : v == "False" || v == "false" ? 0 : std::stoi(v);
+  };
+  flag("axis", &axis);
+  flag("local_stats", &local_stats);
+  flag("fix_gamma", &fix_gamma);
+  auto it = attrs.find("eps");
+  if (it != attrs.end()) eps = std::stof(it->second);
+}
+
+size_t nbytes(const MXTensor& t) {
+  return t.size() * (t.dtype == kFloat64 ? sizeof(double) : sizeof(float));
+}
+
 namespace {
-
-/* The attribute map MXNet hands every callback. */
-using Attrs = std::unordered_map<std::string, std::string>;
-
-/* pbn_batch_norm's inputs, in order: the enum and the names in messages from one list */
-#define PBN_NORM_INPUTS(X)                                                                  \
-  X(kData, "data") X(kGamma, "gamma") X(kBeta, "beta") X(kRunningMean, "running_mean")    \
-  X(kRunningVar, "running_var") X(kGroupSums, "group_sums") X(kLocalWeight, "local_weight") \
-  X(kIsInference, "is_inference") X(kBatchSums, "batch_sums")
-#define PBN_ENUM(id, name) id,
-#define PBN_NAME(id, name) name,
-enum NormInput { PBN_NORM_INPUTS(PBN_ENUM) kNumNormInputs };
-const char* const kNormInputNames[] = {PBN_NORM_INPUTS(PBN_NAME)};
-#undef PBN_ENUM
-#undef PBN_NAME
-enum NormOutput { kOut, kMean, kInvStd, kNumNormOutputs };
-
-/* The operators' attributes, parsed in one place with their defaults (an operator ignores the
- * ones it does not take). */
-struct OpParams {
-  int axis = 1;         /* channel axis; negative counts from the end */
-  int local_stats = 1;  /* pbn_batch_norm: 1 mixes this batch's moments in (PBN), 0 SyncBN */
-  int fix_gamma = 0;
-  float eps = 1e-5f;
-
-  explicit OpParams(const Attrs& attrs) {
-    auto flag = [&](const char* key, int* out) {
-      auto it = attrs.find(key);
-      if (it == attrs.end()) return;
-      const std::string& v = it->second;
-      *out = v == "True" || v == "true" ? 1 : v == "False" || v == "false" ? 0 : std::stoi(v);
-    };
-    flag("axis", &axis);
-    flag("local_stats", &local_stats);
-    flag("fix_gamma", &fix_gamma);
-    auto it = attrs.find("eps");
-    if (it != attrs.end()) eps = std::stof(it->second);
-  }
-
-  /* The channel axis of a tensor of `ndim` dims, or -1 when out of range. */
-  int channel_axis(int ndim) const {
-    int a = axis < 0 ? axis + ndim : axis;
-    return (a >= 0 && a < ndim) ? a : -1;
-  }
-};
 
 template <typename Shape>
 PbnLayout layout_of(const Shape& shape, int axis) {
@@ -111,98 +109,207 @@ PbnLayout layout_of(const Shape& shape, int axis) {
 }
 
 /* The (outer, channels, inner) view of `t` around the operator's channel axis. */
-PbnLayout data_layout(const Attrs& attrs,
-                      const MXTensor& t) {
-  return layout_of(t.shape, OpParams(attrs).channel_axis(static_cast<int>(t.shape.size())));
+PbnLayout data_layout(const OpParams& params, const MXTensor& t) {
+  return layout_of(t.shape, params.channel_axis(static_cast<int>(t.shape.size())));
 }
 
-PbnMode mode_of(const Attrs& attrs, bool training) {
-  const OpParams params(attrs);
+PbnMode mode_of(const OpParams& params) {
   PbnMode mode;
-  mode.training = training;
+  mode.training = 1;
   mode.local_stats = params.local_stats;
   mode.fix_gamma = params.fix_gamma;
   mode.eps = params.eps;
   return mode;
 }
 
+#define PBN_NAME(id, name, dtype) name,
+const char* const kNormInputNames[] = {PBN_NORM_INPUTS(PBN_NAME)};
+#undef PBN_NAME
+
+/* Shapes are inferred before a call, but an array bound to a parameter may still disagree
+ * with them (a parameter whose shape was reset and re-inferred, a hand-built graph): check
+ * every per-channel input against the data's channels, so that no kernel reads or writes out
+ * of bounds. */
+bool norm_sizes_ok(const std::vector<MXTensor>& in, const PbnLayout& l) {
+  const size_t c = static_cast<size_t>(l.channels);
+  const size_t rows = in[kGroupSums].size() / std::max<size_t>(c, 1);
+  bool ok = (rows == 3 || rows == 5) && in[kGroupSums].size() == rows * c &&
+            in[kBatchSums].size() == rows * c && in[kLocalWeight].size() == 1 &&
+            in[kIsInference].size() == 1;
+  for (int i = kGamma; i <= kRunningVar; ++i) ok = ok && in[i].size() == c;
+  if (!ok) {
+    MX_ERROR_MSG << "pbn_batch_norm: the data has " << c << " channels but gamma, beta, "
+                 << "running_mean, running_var have " << in[kGamma].size() << ", "
+                 << in[kBeta].size() << ", " << in[kRunningMean].size() << ", "
+                 << in[kRunningVar].size() << " elements and group_sums, batch_sums "
+                 << in[kGroupSums].size() << ", " << in[kBatchSums].size()
+                 << ": a layer's parameters must match its input's channels";
+  }
+  return ok;
+}
+
+}  // namespace
+
+NormForward::NormForward(const Attrs& attrs, std::vector<MXTensor>* in,
+                         std::vector<MXTensor>* out) {
+  const OpParams params(attrs);
+  l = data_layout(params, in->at(kData));
+  mode = mode_of(params);
+  ok = norm_sizes_ok(*in, l);
+  x = in->at(kData).data<float>();
+  gamma = in->at(kGamma).data<float>();
+  beta = in->at(kBeta).data<float>();
+  running_mean = in->at(kRunningMean).data<float>();
+  running_var = in->at(kRunningVar).data<float>();
+  group_sums = in->at(kGroupSums).data<pbn_sum_t>();
+  local_weight = in->at(kLocalWeight).data<float>();
+  is_inference = in->at(kIsInference).data<float>();
+  batch_sums = in->at(kBatchSums).data<pbn_sum_t>();
+  y = out->at(kOut).data<float>();
+  mean = out->at(kMean).data<float>();
+  invstd = out->at(kInvStd).data<float>();
+}
+
+NormBackward::NormBackward(const Attrs& attrs, std::vector<MXTensor>* in,
+                           std::vector<MXTensor>* out) {
+  const OpParams params(attrs);
+  MXTensor& data = in->at(kFwdInputs + kData);
+  l = data_layout(params, data);
+  mode = mode_of(params);
+  dy = in->at(kGradOut + kOut).data<float>();
+  x = data.data<float>();
+  gamma = in->at(kFwdInputs + kGamma).data<float>();
+  local_weight = in->at(kFwdInputs + kLocalWeight).data<float>();
+  is_inference = in->at(kFwdInputs + kIsInference).data<float>();
+  mean = in->at(kFwdOutputs + kMean).data<float>();
+  invstd = in->at(kFwdOutputs + kInvStd).data<float>();
+  MXTensor& group = in->at(kFwdInputs + kGroupSums);
+  group_sums = group.data<pbn_sum_t>();
+  group_rows = l.channels > 0 ? static_cast<int>(group.size() / l.channels) : 0;
+  MXTensor& batch = in->at(kFwdInputs + kBatchSums);
+  grad_rows = mode.local_stats && batch.size() == 5u * l.channels
+                  ? batch.data<pbn_sum_t>() + 3 * l.channels : nullptr;
+  dx = out->at(kData).data<float>();
+  dgamma = out->at(kGamma).data<float>();
+  dbeta = out->at(kBeta).data<float>();
+  dgroup = out->at(kGroupSums).data<pbn_sum_t>();
+  for (int i : {kRunningMean, kRunningVar, kLocalWeight, kIsInference, kBatchSums}) {
+    no_grad.push_back(&out->at(i));
+  }
+}
+
+SumsForward::SumsForward(const Attrs& attrs, std::vector<MXTensor>* in,
+                         std::vector<MXTensor>* out)
+    : l(data_layout(OpParams(attrs), in->at(kSumsData))),
+      x(in->at(kSumsData).data<float>()), sums(out->at(kSums).data<pbn_sum_t>()) {}
+
+SumsBackward::SumsBackward(const Attrs& attrs, std::vector<MXTensor>* in,
+                           std::vector<MXTensor>* out)
+    : l(data_layout(OpParams(attrs), in->at(kFwdSumsData + kSumsData))),
+      dsums(in->at(kGradSums + kSums).data<pbn_sum_t>()),
+      x(in->at(kFwdSumsData + kSumsData).data<float>()),
+      dx(out->at(kSumsData).data<float>()) {}
+
+RunningUpdate::RunningUpdate(std::vector<MXTensor>* in, std::vector<MXTensor>* out)
+    : t(static_cast<long>(in->at(kMomentum).size())),
+      stats(in->at(kStats).data<pbn_sum_t>()), stats_size(in->at(kStats).size()),
+      gather(in->at(kGather).data<double>()), momentum(in->at(kMomentum).data<float>()),
+      running_mean(in->at(kRunningMeanAll).data<float>()),
+      running_var(in->at(kRunningVarAll).data<float>()),
+      channel_count(out->at(kChannelCount).data<float>()) {}
+
+TakeSums::TakeSums(std::vector<MXTensor>* in, std::vector<MXTensor>* out)
+    : local(in->at(kTakeLocal).data_ptr), taken(out->at(kTaken).data_ptr),
+      bytes(nbytes(in->at(kTakeLocal))) {}
+
+AcceptSums::AcceptSums(std::vector<MXTensor>* in, std::vector<MXTensor>* out)
+    : k(static_cast<long>(in->at(kLocal).size())), local(in->at(kLocal).data<pbn_sum_t>()),
+      group(in->at(kGroup).data<pbn_sum_t>()), rate(in->at(kRate).data<pbn_sum_t>()),
+      global(in->at(kGlobal).data<pbn_sum_t>()), fresh(in->at(kFresh).data<pbn_sum_t>()),
+      health(in->at(kHealth).data<float>()), group_ok(out->at(kGroupOk).data<float>()) {}
+
+}  // namespace pbn
+
+using namespace pbn;
+
+namespace {
+
 /* ---------------------------------- attributes and shapes ------------------------------- */
 
-MXReturnValue norm_parse(const Attrs& attrs,
-                         int* num_in, int* num_out) {
-  *num_in = kNumNormInputs;
-  *num_out = kNumNormOutputs;
+/* parseAttrs: the operator's fixed numbers of inputs and outputs. */
+template <int kInputs, int kOutputs>
+MXReturnValue counts(const Attrs&, int* num_in, int* num_out) {
+  *num_in = kInputs;
+  *num_out = kOutputs;
   return MX_SUCCESS;
 }
 
-MXReturnValue sums_parse(const Attrs& attrs,
-                         int* num_in, int* num_out) {
-  *num_in = 1;
-  *num_out = 1;
+/* mutateInputs: the inputs an operator writes (its auxiliary states). */
+template <int... kIndices>
+MXReturnValue mutates(const Attrs&, std::vector<int>* indices) {
+  *indices = {kIndices...};
   return MX_SUCCESS;
 }
 
-/* Fills and checks dtypes: `in` and `out` name each input's and output's type, 'f' float32
- * and 'd' double (pbn_sum_t). */
-MXReturnValue typed(const char* op, const char* in, const char* out,
-                    std::vector<int>* in_types, std::vector<int>* out_types) {
+/* Fills unknown dtypes and checks the known ones: `in` and `out` hold each input's and
+ * output's dtype, 'f' float32 and 'd' double (pbn_sum_t). */
+MXReturnValue typed(const char* op, const char* in, const char* out, std::vector<int>* in_types,
+                    std::vector<int>* out_types) {
+  auto code = [](char c) { return c == 'd' ? kFloat64 : kFloat32; };
   for (size_t i = 0; i < in_types->size(); ++i) {
-    int want = in[i] == 'd' ? kFloat64 : kFloat32;
-    if (in_types->at(i) == -1) in_types->at(i) = want;
-    if (in_types->at(i) != want) {
-      MX_ERROR_MSG << op << ": input " << i << " must be " << (in[i] == 'd' ? "float64" : "float32")
-                   << ", got dtype code " << in_types->at(i);
+    if (in_types->at(i) == -1) in_types->at(i) = code(in[i]);
+    if (in_types->at(i) != code(in[i])) {
+      MX_ERROR_MSG << op << ": input " << i << " must be "
+                   << (in[i] == 'd' ? "float64" : "float32") << ", got dtype code "
+                   << in_types->at(i);
       return MX_FAIL;
     }
   }
-  for (size_t i = 0; i < out_types->size(); ++i) out_types->at(i) = out[i] == 'd' ? kFloat64 : kFloat32;
+  for (size_t i = 0; i < out_types->size(); ++i) out_types->at(i) = code(out[i]);
   return MX_SUCCESS;
 }
 
-MXReturnValue norm_types(const Attrs& attrs,
-                         std::vector<int>* in_types, std::vector<int>* out_types) {
-  return typed("pbn_batch_norm", "fffffdffd", "fff", in_types, out_types);
-}
+/* inferType of an operator, from its contract's dtypes. */
+#define PBN_DTYPE(id, name, dtype) dtype,
+#define PBN_TYPES(fn, op, INPUTS, OUTPUTS)                                                 \
+  MXReturnValue fn(const Attrs&, std::vector<int>* in_types, std::vector<int>* out_types) { \
+    static const char in[] = {INPUTS(PBN_DTYPE) 0}, out[] = {OUTPUTS(PBN_DTYPE) 0};        \
+    return typed(#op, in, out, in_types, out_types);                                       \
+  }
+PBN_TYPES(norm_types, pbn_batch_norm, PBN_NORM_INPUTS, PBN_NORM_OUTPUTS)
+PBN_TYPES(sums_types, pbn_batch_sums, PBN_SUMS_INPUTS, PBN_SUMS_OUTPUTS)
+PBN_TYPES(running_types, pbn_running_update, PBN_RUNNING_INPUTS, PBN_RUNNING_OUTPUTS)
+PBN_TYPES(take_types, pbn_take_sums, PBN_TAKE_INPUTS, PBN_TAKE_OUTPUTS)
+PBN_TYPES(accept_types, pbn_accept_sums, PBN_ACCEPT_INPUTS, PBN_ACCEPT_OUTPUTS)
+#undef PBN_TYPES
+#undef PBN_DTYPE
 
-MXReturnValue sums_types(const Attrs& attrs,
-                         std::vector<int>* in_types, std::vector<int>* out_types) {
-  return typed("pbn_batch_sums", "f", "d", in_types, out_types);
-}
+/* The shapes inferShape fills and checks, one per input or output. */
+using Shapes = std::vector<std::vector<unsigned int>>;
 
-MXReturnValue running_types(const Attrs& attrs,
-                            std::vector<int>* in_types, std::vector<int>* out_types) {
-  return typed("pbn_running_update", "dfdff", "f", in_types, out_types);
-}
-
-MXReturnValue accept_types(const Attrs& attrs,
-                           std::vector<int>* in_types, std::vector<int>* out_types) {
-  return typed("pbn_accept_sums", "dddddf", "f", in_types, out_types);
-}
-
-/* Bytes of a tensor's data. */
-size_t nbytes(const MXTensor& t) {
-  return t.size() * (t.dtype == kFloat64 ? sizeof(double) : sizeof(float));
-}
-
-/* MXNet hands an unknown dimension over as -1 (legacy shapes: 0). */
-bool known(const std::vector<unsigned int>& s) {
-  if (s.empty()) return false;
-  for (unsigned d : s) if (d == 0 || d == static_cast<unsigned>(-1)) return false;
-  return true;
-}
-
-/* Fills the per-channel inputs' shapes from data (deferred initialisation) and checks them. */
-MXReturnValue norm_shape(const Attrs& attrs,
-                         std::vector<std::vector<unsigned int>>* in,
-                         std::vector<std::vector<unsigned int>>* out) {
-  const auto& data = in->at(kData);
+/* The channel axis of `op`'s data of shape `data`, or -1 (with an MX_ERROR_MSG). */
+int channel_axis_of(const char* op, const Attrs& attrs, const std::vector<unsigned int>& data) {
   const OpParams params(attrs);
   int axis = params.channel_axis(static_cast<int>(data.size()));
   if (data.size() < 2 || axis < 0) {
-    MX_ERROR_MSG << "pbn_batch_norm: axis " << params.axis
-                 << " does not fit an input of " << data.size() << " dims";
-    return MX_FAIL;
+    MX_ERROR_MSG << op << ": axis " << params.axis << " does not fit an input of "
+                 << data.size() << " dims";
+    return -1;
   }
+  return axis;
+}
+
+/* The per-channel inputs' shapes from the data's (deferred initialisation), checked. */
+MXReturnValue norm_shape(const Attrs& attrs, Shapes* in, Shapes* out) {
+  const auto& data = in->at(kData);
+  const int axis = channel_axis_of("pbn_batch_norm", attrs, data);
+  if (axis < 0) return MX_FAIL;
+  /* MXNet hands an unknown dimension over as -1 (legacy shapes: 0) */
+  auto known = [](const std::vector<unsigned int>& s) {
+    if (s.empty()) return false;
+    for (unsigned d : s) if (d == 0 || d == static_cast<unsigned>(-1)) return false;
+    return true;
+  };
   unsigned c = data[axis];
   for (int i = kGamma; i <= kRunningVar; ++i) {
     if (!known(in->at(i))) in->at(i) = {c};
@@ -214,12 +321,11 @@ MXReturnValue norm_shape(const Attrs& attrs,
   for (int i = kGamma; i <= kBatchSums; ++i) {
     size_t size = 1;
     for (unsigned d : in->at(i)) size *= d;
-    size_t want = i >= kGroupSums && i != kLocalWeight && i != kIsInference
-                      ? static_cast<size_t>(rows) * c : (i >= kLocalWeight ? 1 : c);
-    bool ok = size == want && (i != kGroupSums || rows == 3 || rows == 5);
-    if (!ok) {
-      MX_ERROR_MSG << "pbn_batch_norm: " << kNormInputNames[i] << " has " << size << " elements, but "
-                   << "the data has " << c << " channels on axis " << axis;
+    const size_t expected = i == kGroupSums || i == kBatchSums ? static_cast<size_t>(rows) * c
+                            : i == kLocalWeight || i == kIsInference ? 1 : c;
+    if (size != expected || (i == kGroupSums && rows != 3 && rows != 5)) {
+      MX_ERROR_MSG << "pbn_batch_norm: " << kNormInputNames[i] << " has " << size
+                   << " elements, but the data has " << c << " channels on axis " << axis;
       return MX_FAIL;
     }
   }
@@ -228,25 +334,45 @@ MXReturnValue norm_shape(const Attrs& attrs,
   return MX_SUCCESS;
 }
 
-MXReturnValue sums_shape(const Attrs& attrs,
-                         std::vector<std::vector<unsigned int>>* in,
-                         std::vector<std::vector<unsigned int>>* out) {
-  const auto& data = in->at(0);
-  const OpParams params(attrs);
-  int axis = params.channel_axis(static_cast<int>(data.size()));
-  if (data.size() < 2 || axis < 0) {
-    MX_ERROR_MSG << "pbn_batch_sums: axis " << params.axis
-                 << " does not fit an input of " << data.size() << " dims";
-    return MX_FAIL;
-  }
-  out->assign(1, {3u, data[axis]});
+MXReturnValue sums_shape(const Attrs& attrs, Shapes* in, Shapes* out) {
+  const auto& data = in->at(kSumsData);
+  const int axis = channel_axis_of("pbn_batch_sums", attrs, data);
+  if (axis < 0) return MX_FAIL;
+  out->assign(kNumSumsOutputs, {3u, data[axis]});
   return MX_SUCCESS;
 }
 
-MXReturnValue norm_mutates(const Attrs& attrs,
-                           std::vector<int>* indices) {
-  indices->push_back(kBatchSums);
+/* The shape of an operator whose output is one number, when its inputs are `ok`. */
+MXReturnValue one_number(bool ok, const char* problem, Shapes* out) {
+  if (!ok) {
+    MX_ERROR_MSG << problem;
+    return MX_FAIL;
+  }
+  out->assign(1, {1u});
   return MX_SUCCESS;
+}
+
+MXReturnValue running_shape(const Attrs& attrs, Shapes* in, Shapes* out) {
+  unsigned t = in->at(kMomentum).empty() ? 0 : in->at(kMomentum)[0];
+  return one_number(in->at(kGather) == std::vector<unsigned int>{3u, t} &&
+                        in->at(kRunningMeanAll) == std::vector<unsigned int>{t} &&
+                        in->at(kRunningVarAll) == std::vector<unsigned int>{t},
+                    "pbn_running_update: gather must be (3, T) and momentum, running_mean, "
+                    "running_var (T,) for the same T", out);
+}
+
+MXReturnValue take_shape(const Attrs& attrs, Shapes* in, Shapes* out) {
+  out->assign(kNumTakeOutputs, in->at(kTakeLocal));
+  return MX_SUCCESS;
+}
+
+MXReturnValue accept_shape(const Attrs& attrs, Shapes* in, Shapes* out) {
+  const std::vector<unsigned int>& k = in->at(kLocal);
+  return one_number(k.size() == 1 && in->at(kGroup) == k && in->at(kRate) == k &&
+                        in->at(kGlobal) == k && in->at(kFresh) == k &&
+                        in->at(kHealth) == std::vector<unsigned int>{5u},
+                    "pbn_accept_sums: local, group, rate, global and fresh must be (K,), "
+                    "health (5,)", out);
 }
 
 /* ---------------------------------------- CPU ------------------------------------------- */
@@ -331,285 +457,118 @@ void channel_affine(float* out, const float* x, const float* dy, const PbnLayout
   }
 }
 
-/* Shapes are inferred before a call, but an array bound to a parameter may still disagree
- * with them (a parameter whose shape was reset and re-inferred, a hand-built graph): check
- * every per-channel input against the data's channels, so that no kernel reads or writes out
- * of bounds. */
-bool norm_sizes_ok(const std::vector<MXTensor>& in, const PbnLayout& l) {
-  const size_t c = static_cast<size_t>(l.channels);
-  const size_t rows = in[kGroupSums].size() / std::max<size_t>(c, 1);
-  bool ok = (rows == 3 || rows == 5) && in[kGroupSums].size() == rows * c &&
-            in[kBatchSums].size() == rows * c && in[kLocalWeight].size() == 1 &&
-            in[kIsInference].size() == 1;
-  for (int i = kGamma; i <= kRunningVar; ++i) ok = ok && in[i].size() == c;
-  if (!ok) {
-    MX_ERROR_MSG << "pbn_batch_norm: the data has " << c << " channels but gamma, beta, "
-                 << "running_mean, running_var have " << in[kGamma].size() << ", "
-                 << in[kBeta].size() << ", " << in[kRunningMean].size() << ", "
-                 << in[kRunningVar].size() << " elements and group_sums, batch_sums "
-                 << in[kGroupSums].size() << ", " << in[kBatchSums].size()
-                 << ": a layer's parameters must match its input's channels";
-  }
-  return ok;
-}
-
-MXReturnValue norm_forward_cpu(const Attrs& attrs,
-                               std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
-                               const OpResource& res) {
-  MXTensor& data = inputs->at(kData);
-  PbnLayout l = data_layout(attrs, data);
-  if (!norm_sizes_ok(*inputs, l)) return MX_FAIL;
-  const float* x = data.data<float>();
-  const float* gamma = inputs->at(kGamma).data<float>();
-  const float* beta = inputs->at(kBeta).data<float>();
-  const float* rmean = inputs->at(kRunningMean).data<float>();
-  const float* rvar = inputs->at(kRunningVar).data<float>();
-  const pbn_sum_t* group = inputs->at(kGroupSums).data<pbn_sum_t>();
-  float w = inputs->at(kLocalWeight).data<float>()[0];
-  PbnMode mode = mode_of(attrs, pbn_is_training(inputs->at(kIsInference).data<float>()[0]));
-  pbn_sum_t* batch_sums = inputs->at(kBatchSums).data<pbn_sum_t>();
-  float* y = outputs->at(kOut).data<float>();
-  float* mean = outputs->at(kMean).data<float>();
-  float* invstd = outputs->at(kInvStd).data<float>();
+PBN_CALLBACK(norm_forward_cpu) {
+  NormForward f(attrs, inputs, outputs);
+  if (!f.ok) return MX_FAIL;
+  f.mode.training = pbn_is_training(f.is_inference[0]);
+  const PbnLayout& l = f.l;
+  const float w = f.local_weight[0];
   const long n_per_channel = l.outer * l.inner;
 
 #pragma omp parallel for schedule(static)
   for (long c = 0; c < l.channels; ++c) {
     double shift = 0.0, s1 = 0.0, s2 = 0.0, mu, r, sums[3];
-    if (mode.training && mode.local_stats && n_per_channel > 0) {
-      shift = x[c * l.inner];
-      channel_sums(x, l, c, shift, &s1, &s2);
+    if (f.mode.training && f.mode.local_stats && n_per_channel > 0) {
+      shift = f.x[c * l.inner];
+      channel_sums(f.x, l, c, shift, &s1, &s2);
     }
-    pbn_forward_channel(mode, shift, s1, s2, static_cast<double>(n_per_channel), group + c,
-                        l.channels, w, rmean[c], rvar[c], &mu, &r, sums);
-    if (mode.training) {
-      for (int k = 0; k < 3; ++k) batch_sums[k * l.channels + c] = sums[k];
+    pbn_forward_channel(f.mode, shift, s1, s2, static_cast<double>(n_per_channel),
+                        f.group_sums + c, l.channels, w, f.running_mean[c], f.running_var[c],
+                        &mu, &r, sums);
+    if (f.mode.training) {
+      for (int k = 0; k < 3; ++k) f.batch_sums[k * l.channels + c] = sums[k];
     }
-    mean[c] = static_cast<float>(mu);
-    invstd[c] = static_cast<float>(r);
-    double g = mode.fix_gamma ? 1.0 : gamma[c];
-    channel_affine(y, x, nullptr, l, c, static_cast<float>(g * r),
-                   static_cast<float>(beta[c] - mu * g * r), 0.f);
+    f.mean[c] = static_cast<float>(mu);
+    f.invstd[c] = static_cast<float>(r);
+    double g = f.mode.fix_gamma ? 1.0 : f.gamma[c];
+    channel_affine(f.y, f.x, nullptr, l, c, static_cast<float>(g * r),
+                   static_cast<float>(f.beta[c] - mu * g * r), 0.f);
   }
   return MX_SUCCESS;
 }
 
-/* Backward inputs: the output gradients (out, mean, invstd), the forward inputs, the forward
- * outputs. Backward outputs: one gradient per forward input. */
-enum BackwardInput { kGradOut = 0, kFwdInputs = kNumNormOutputs,
-                     kFwdOutputs = kNumNormOutputs + kNumNormInputs };
-
-MXReturnValue norm_backward_cpu(const Attrs& attrs,
-                                std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
-                                const OpResource& res) {
-  MXTensor& data = inputs->at(kFwdInputs + kData);
-  PbnLayout l = data_layout(attrs, data);
-  const float* dy = inputs->at(kGradOut).data<float>();
-  const float* x = data.data<float>();
-  const float* gamma = inputs->at(kFwdInputs + kGamma).data<float>();
-  MXTensor& group_t = inputs->at(kFwdInputs + kGroupSums);
-  const pbn_sum_t* group = group_t.data<pbn_sum_t>();
-  int group_rows = static_cast<int>(group_t.size() / l.channels);
-  float w = inputs->at(kFwdInputs + kLocalWeight).data<float>()[0];
-  PbnMode mode = mode_of(attrs,
-                         pbn_is_training(inputs->at(kFwdInputs + kIsInference).data<float>()[0]));
-  const float* mean = inputs->at(kFwdOutputs + kMean).data<float>();
-  const float* invstd = inputs->at(kFwdOutputs + kInvStd).data<float>();
-  /* the progressive backward's rows 3, 4 of batch_sums: [sum dy, sum dy xhat] */
-  MXTensor& batch_t = inputs->at(kFwdInputs + kBatchSums);
-  pbn_sum_t* grad_rows = mode.training && mode.local_stats && batch_t.size() == 5u * l.channels
-                             ? batch_t.data<pbn_sum_t>() + 3 * l.channels : nullptr;
-  float* dx = outputs->at(kData).data<float>();
-  float* dgamma = outputs->at(kGamma).data<float>();
-  float* dbeta = outputs->at(kBeta).data<float>();
-  pbn_sum_t* dgroup = outputs->at(kGroupSums).data<pbn_sum_t>();
-  for (size_t i = kRunningMean; i < outputs->size(); ++i) {   /* rows 0, 1 of dgroup below */
-    MXTensor& t = outputs->at(i);
-    std::memset(t.data_ptr, 0, nbytes(t));
-  }
+PBN_CALLBACK(norm_backward_cpu) {
+  NormBackward b(attrs, inputs, outputs);
+  b.mode.training = pbn_is_training(b.is_inference[0]);
+  for (MXTensor* t : b.no_grad) std::memset(t->data_ptr, 0, nbytes(*t));
+  const PbnLayout& l = b.l;
+  const float w = b.local_weight[0];
+  pbn_sum_t* grad_rows = b.mode.training ? b.grad_rows : nullptr;
   const double n = static_cast<double>(l.outer * l.inner);
 
 #pragma omp parallel for schedule(static)
   for (long c = 0; c < l.channels; ++c) {
     double sdy, sdyxc, dy_coef, x_coef, offset, dg, db, dg0, dg1;
-    channel_grad_sums(dy, x, l, c, mean[c], &sdy, &sdyxc);
-    pbn_backward_channel(mode, sdy, sdyxc, n, group + c, l.channels, group_rows, w, gamma[c],
-                         mean[c], invstd[c], &dy_coef, &x_coef, &offset, &dg, &db, &dg0, &dg1);
-    dgamma[c] = static_cast<float>(dg);
-    dbeta[c] = static_cast<float>(db);
-    dgroup[c] = dg0;
-    dgroup[l.channels + c] = dg1;
+    channel_grad_sums(b.dy, b.x, l, c, b.mean[c], &sdy, &sdyxc);
+    pbn_backward_channel(b.mode, sdy, sdyxc, n, b.group_sums + c, l.channels, b.group_rows, w,
+                         b.gamma[c], b.mean[c], b.invstd[c], &dy_coef, &x_coef, &offset, &dg,
+                         &db, &dg0, &dg1);
+    b.dgamma[c] = static_cast<float>(dg);
+    b.dbeta[c] = static_cast<float>(db);
+    for (int row = 0; row < b.group_rows; ++row) {
+      b.dgroup[row * l.channels + c] = row == 0 ? dg0 : row == 1 ? dg1 : 0.0;
+    }
     if (grad_rows) {
       grad_rows[c] = sdy;
-      grad_rows[l.channels + c] = sdyxc * invstd[c];
+      grad_rows[l.channels + c] = sdyxc * b.invstd[c];
     }
-    channel_affine(dx, x, dy, l, c, static_cast<float>(x_coef), static_cast<float>(offset),
-                   static_cast<float>(dy_coef));
+    channel_affine(b.dx, b.x, b.dy, l, c, static_cast<float>(x_coef),
+                   static_cast<float>(offset), static_cast<float>(dy_coef));
   }
   return MX_SUCCESS;
 }
 
-MXReturnValue sums_forward_cpu(const Attrs& attrs,
-                               std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
-                               const OpResource& res) {
-  MXTensor& data = inputs->at(0);
-  PbnLayout l = data_layout(attrs, data);
-  const float* x = data.data<float>();
-  pbn_sum_t* sums = outputs->at(0).data<pbn_sum_t>();
+PBN_CALLBACK(sums_forward_cpu) {
+  SumsForward f(attrs, inputs, outputs);
+  const PbnLayout& l = f.l;
   const long n = l.outer * l.inner;
 #pragma omp parallel for schedule(static)
   for (long c = 0; c < l.channels; ++c) {
-    double shift = n > 0 ? x[c * l.inner] : 0.0, s1 = 0.0, s2 = 0.0;
-    if (n > 0) channel_sums(x, l, c, shift, &s1, &s2);
-    sums[c] = s1 + n * shift;
-    sums[l.channels + c] = s2 + 2.0 * shift * s1 + n * shift * shift;
-    sums[2 * l.channels + c] = static_cast<double>(n);
+    double shift = n > 0 ? f.x[c * l.inner] : 0.0, s1 = 0.0, s2 = 0.0;
+    if (n > 0) channel_sums(f.x, l, c, shift, &s1, &s2);
+    f.sums[c] = s1 + n * shift;
+    f.sums[l.channels + c] = s2 + 2.0 * shift * s1 + n * shift * shift;
+    f.sums[2 * l.channels + c] = static_cast<double>(n);
   }
   return MX_SUCCESS;
 }
 
-MXReturnValue sums_backward_cpu(const Attrs& attrs,
-                                std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
-                                const OpResource& res) {
-  const pbn_sum_t* dsums = inputs->at(0).data<pbn_sum_t>();
-  MXTensor& data = inputs->at(1);
-  PbnLayout l = data_layout(attrs, data);
-  float* dx = outputs->at(0).data<float>();
+PBN_CALLBACK(sums_backward_cpu) {
+  SumsBackward b(attrs, inputs, outputs);
+  const PbnLayout& l = b.l;
 #pragma omp parallel for schedule(static)
   for (long c = 0; c < l.channels; ++c) {
-    channel_affine(dx, data.data<float>(), nullptr, l, c,
-                   static_cast<float>(2.0 * dsums[l.channels + c]),
-                   static_cast<float>(dsums[c]), 0.f);
+    channel_affine(b.dx, b.x, nullptr, l, c, static_cast<float>(2.0 * b.dsums[l.channels + c]),
+                   static_cast<float>(b.dsums[c]), 0.f);
   }
   return MX_SUCCESS;
 }
 
-enum RunningInput { kGather, kMomentum, kStats, kRunningMeanAll, kRunningVarAll,
-                    kNumRunningInputs };
-
-MXReturnValue running_parse(const Attrs& attrs,
-                            int* num_in, int* num_out) {
-  *num_in = kNumRunningInputs;
-  *num_out = 1;   /* MXNet operators need an output: the channel count T, shape (1,) */
-  return MX_SUCCESS;
-}
-
-MXReturnValue running_shape(const Attrs& attrs,
-                            std::vector<std::vector<unsigned int>>* in,
-                            std::vector<std::vector<unsigned int>>* out) {
-  unsigned t = in->at(kMomentum).empty() ? 0 : in->at(kMomentum)[0];
-  bool ok = in->at(kGather) == std::vector<unsigned int>{3u, t} &&
-            in->at(kRunningMeanAll) == std::vector<unsigned int>{t} &&
-            in->at(kRunningVarAll) == std::vector<unsigned int>{t};
-  if (!ok) {
-    MX_ERROR_MSG << "pbn_running_update: gather must be (3, T) and momentum, running_mean, "
-                 << "running_var (T,) for the same T";
-    return MX_FAIL;
-  }
-  out->assign(1, {1u});
-  return MX_SUCCESS;
-}
-
-MXReturnValue running_mutates(const Attrs& attrs,
-                              std::vector<int>* indices) {
-  indices->push_back(kStats);
-  indices->push_back(kRunningMeanAll);
-  indices->push_back(kRunningVarAll);
-  return MX_SUCCESS;
-}
-
-MXReturnValue running_update_cpu(const Attrs& attrs,
-                                 std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
-                                 const OpResource& res) {
-  pbn_sum_t* stats = inputs->at(kStats).data<pbn_sum_t>();
-  const double* gather = inputs->at(kGather).data<double>();
-  const float* momentum = inputs->at(kMomentum).data<float>();
-  float* running_mean = inputs->at(kRunningMeanAll).data<float>();
-  float* running_var = inputs->at(kRunningVarAll).data<float>();
-  const long t = static_cast<long>(inputs->at(kMomentum).size());
-  const double size = static_cast<double>(inputs->at(kStats).size());
-  for (long i = 0; i < 3 * t; ++i) {
-    if (!(gather[i] >= 0.0 && gather[i] < size)) {
-      MX_ERROR_MSG << "pbn_running_update: gather index " << gather[i] << " outside the "
+PBN_CALLBACK(running_update_cpu) {
+  RunningUpdate u(inputs, outputs);
+  const double size = static_cast<double>(u.stats_size);
+  for (long i = 0; i < 3 * u.t; ++i) {
+    if (!(u.gather[i] >= 0.0 && u.gather[i] < size)) {
+      MX_ERROR_MSG << "pbn_running_update: gather index " << u.gather[i] << " outside the "
                    << size << " sums";
       return MX_FAIL;
     }
   }
-  for (long i = 0; i < t; ++i) {
-    pbn_running_channel(stats[static_cast<long>(gather[i])],
-                        stats[static_cast<long>(gather[t + i])],
-                        stats[static_cast<long>(gather[2 * t + i])], momentum[i],
-                        running_mean + i, running_var + i);
+  for (long i = 0; i < u.t; ++i) {
+    pbn_running_channel(u.stats[static_cast<long>(u.gather[i])],
+                        u.stats[static_cast<long>(u.gather[u.t + i])],
+                        u.stats[static_cast<long>(u.gather[2 * u.t + i])], u.momentum[i],
+                        u.running_mean + i, u.running_var + i);
   }
-  std::memset(stats, 0, nbytes(inputs->at(kStats)));
-  outputs->at(0).data<float>()[0] = static_cast<float>(t);
+  std::memset(u.stats, 0, u.stats_size * sizeof(pbn_sum_t));
+  *u.channel_count = static_cast<float>(u.t);
   return MX_SUCCESS;
 }
 
-MXReturnValue take_parse(const Attrs& attrs,
-                         int* num_in, int* num_out) {
-  *num_in = 1;
-  *num_out = 1;
-  return MX_SUCCESS;
-}
-
-MXReturnValue take_types(const Attrs& attrs,
-                         std::vector<int>* in_types, std::vector<int>* out_types) {
-  return typed("pbn_take_sums", "d", "d", in_types, out_types);
-}
-
-MXReturnValue take_shape(const Attrs& attrs,
-                         std::vector<std::vector<unsigned int>>* in,
-                         std::vector<std::vector<unsigned int>>* out) {
-  out->assign(1, in->at(0));
-  return MX_SUCCESS;
-}
-
-MXReturnValue take_mutates(const Attrs& attrs,
-                           std::vector<int>* indices) {
-  indices->push_back(0);
-  return MX_SUCCESS;
-}
-
-MXReturnValue take_sums_cpu(const Attrs& attrs,
-                            std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
-                            const OpResource& res) {
-  MXTensor& local = inputs->at(0);
-  std::memcpy(outputs->at(0).data_ptr, local.data_ptr, nbytes(local));
-  std::memset(local.data_ptr, 0, nbytes(local));
-  return MX_SUCCESS;
-}
-
-enum AcceptInput { kLocal, kGroup, kRate, kGlobal, kFresh, kHealth, kNumAcceptInputs };
-
-MXReturnValue accept_parse(const Attrs& attrs,
-                           int* num_in, int* num_out) {
-  *num_in = kNumAcceptInputs;
-  *num_out = 1;
-  return MX_SUCCESS;
-}
-
-MXReturnValue accept_shape(const Attrs& attrs,
-                           std::vector<std::vector<unsigned int>>* in,
-                           std::vector<std::vector<unsigned int>>* out) {
-  const std::vector<unsigned int>& k = in->at(kLocal);
-  bool ok = k.size() == 1 && in->at(kGroup) == k && in->at(kRate) == k &&
-            in->at(kGlobal) == k && in->at(kFresh) == k &&
-            in->at(kHealth) == std::vector<unsigned int>{5u};
-  if (!ok) {
-    MX_ERROR_MSG << "pbn_accept_sums: local, group, rate, global and fresh must be (K,), "
-                 << "health (5,)";
-    return MX_FAIL;
-  }
-  out->assign(1, {1u});
-  return MX_SUCCESS;
-}
-
-MXReturnValue accept_mutates(const Attrs& attrs,
-                             std::vector<int>* indices) {
-  indices->push_back(kGlobal);
-  indices->push_back(kFresh);
-  indices->push_back(kHealth);
+PBN_CALLBACK(take_sums_cpu) {
+  TakeSums s(inputs, outputs);
+  std::memcpy(s.taken, s.local, s.bytes);
+  std::memset(s.local, 0, s.bytes);
   return MX_SUCCESS;
 }
 
@@ -619,184 +578,57 @@ bool all_finite(const pbn_sum_t* p, long n) {
   return ok;
 }
 
-MXReturnValue accept_sums_cpu(const Attrs& attrs,
-                              std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
-                              const OpResource& res) {
-  const long k = static_cast<long>(inputs->at(kLocal).size());
-  const pbn_sum_t* group = inputs->at(kGroup).data<pbn_sum_t>();
-  const pbn_sum_t* rate = inputs->at(kRate).data<pbn_sum_t>();
-  pbn_sum_t* global = inputs->at(kGlobal).data<pbn_sum_t>();
-  pbn_sum_t* fresh = inputs->at(kFresh).data<pbn_sum_t>();
-  bool group_ok = all_finite(group, k);
-  for (long i = 0; i < k; ++i) {
-    if (group_ok) global[i] = rate[i] * global[i] + (1.0 - rate[i]) * group[i];
-    fresh[i] = group_ok ? global[i] : 0.0;
+PBN_CALLBACK(accept_sums_cpu) {
+  AcceptSums a(inputs, outputs);
+  bool group_ok = all_finite(a.group, a.k);
+  for (long i = 0; i < a.k; ++i) {
+    if (group_ok) a.global[i] = a.rate[i] * a.global[i] + (1.0 - a.rate[i]) * a.group[i];
+    a.fresh[i] = group_ok ? a.global[i] : 0.0;
   }
-  pbn_record_health(all_finite(inputs->at(kLocal).data<pbn_sum_t>(), k), group_ok,
-                    inputs->at(kHealth).data<float>());
-  outputs->at(0).data<float>()[0] = group_ok ? 1.f : 0.f;
+  pbn_record_health(all_finite(a.local, a.k), group_ok, a.health);
+  *a.group_ok = group_ok ? 1.f : 0.f;
   return MX_SUCCESS;
 }
 
-/* ------------------------------------- dispatch ----------------------------------------- */
-
-#ifdef PBN_WITH_CUDA
-MXReturnValue norm_forward_gpu(const Attrs& attrs,
-                               std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
-                               const OpResource& res) {
-  MXTensor& data = inputs->at(kData);
-  PbnLayout l = data_layout(attrs, data);
-  if (!norm_sizes_ok(*inputs, l)) return MX_FAIL;
-  PbnMode mode = mode_of(attrs, true);  /* the kernel reads is_inference on the device */
-  return pbn_norm_forward_cuda(
-      l, mode, data.data<float>(), inputs->at(kGamma).data<float>(),
-      inputs->at(kBeta).data<float>(), inputs->at(kRunningMean).data<float>(),
-      inputs->at(kRunningVar).data<float>(), inputs->at(kGroupSums).data<pbn_sum_t>(),
-      inputs->at(kLocalWeight).data<float>(), inputs->at(kIsInference).data<float>(),
-      inputs->at(kBatchSums).data<pbn_sum_t>(), outputs->at(kOut).data<float>(),
-      outputs->at(kMean).data<float>(), outputs->at(kInvStd).data<float>(), res)
-      ? MX_SUCCESS : MX_FAIL;
-}
-
-MXReturnValue norm_backward_gpu(const Attrs& attrs,
-                                std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
-                                const OpResource& res) {
-  MXTensor& data = inputs->at(kFwdInputs + kData);
-  PbnLayout l = data_layout(attrs, data);
-  PbnMode mode = mode_of(attrs, true);
-  MXTensor& group = inputs->at(kFwdInputs + kGroupSums);
-  MXTensor& batch = inputs->at(kFwdInputs + kBatchSums);
-  for (int i = kRunningMean; i < static_cast<int>(outputs->size()); ++i) {
-    if (i != kGroupSums && !pbn_zero_cuda(outputs->at(i).data_ptr, nbytes(outputs->at(i)), res)) {
-      return MX_FAIL;
-    }
-  }
-  /* rows 3, 4 of a 5-row batch_sums (progressive backward; the kernel writes them only while
-   * training with local statistics) */
-  pbn_sum_t* grad_rows = mode.local_stats && batch.size() == 5u * l.channels
-                             ? batch.data<pbn_sum_t>() + 3 * l.channels : nullptr;
-  return pbn_norm_backward_cuda(
-      l, mode, inputs->at(kGradOut).data<float>(), data.data<float>(),
-      inputs->at(kFwdInputs + kGamma).data<float>(), group.data<pbn_sum_t>(),
-      static_cast<int>(group.size() / l.channels),
-      inputs->at(kFwdInputs + kLocalWeight).data<float>(),
-      inputs->at(kFwdInputs + kIsInference).data<float>(),
-      inputs->at(kFwdOutputs + kMean).data<float>(),
-      inputs->at(kFwdOutputs + kInvStd).data<float>(), outputs->at(kData).data<float>(),
-      outputs->at(kGamma).data<float>(), outputs->at(kBeta).data<float>(),
-      outputs->at(kGroupSums).data<pbn_sum_t>(), grad_rows, res) ? MX_SUCCESS : MX_FAIL;
-}
-
-MXReturnValue sums_forward_gpu(const Attrs& attrs,
-                               std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
-                               const OpResource& res) {
-  MXTensor& data = inputs->at(0);
-  PbnLayout l = data_layout(attrs, data);
-  return pbn_sums_forward_cuda(l, data.data<float>(), outputs->at(0).data<pbn_sum_t>(), res)
-      ? MX_SUCCESS : MX_FAIL;
-}
-
-MXReturnValue sums_backward_gpu(const Attrs& attrs,
-                                std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
-                                const OpResource& res) {
-  MXTensor& data = inputs->at(1);
-  PbnLayout l = data_layout(attrs, data);
-  return pbn_sums_backward_cuda(l, inputs->at(0).data<pbn_sum_t>(), data.data<float>(),
-                                outputs->at(0).data<float>(), res) ? MX_SUCCESS : MX_FAIL;
-}
-
-MXReturnValue running_update_gpu(const Attrs& attrs,
-                                 std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
-                                 const OpResource& res) {
-  return pbn_running_update_cuda(
-      inputs->at(kStats).data<pbn_sum_t>(), inputs->at(kGather).data<double>(),
-      inputs->at(kMomentum).data<float>(), static_cast<long>(inputs->at(kMomentum).size()),
-      inputs->at(kRunningMeanAll).data<float>(), inputs->at(kRunningVarAll).data<float>(),
-      outputs->at(0).data<float>(), res) &&
-      pbn_zero_cuda(inputs->at(kStats).data_ptr, nbytes(inputs->at(kStats)), res)
-      ? MX_SUCCESS : MX_FAIL;
-}
-
-MXReturnValue take_sums_gpu(const Attrs& attrs,
-                            std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
-                            const OpResource& res) {
-  MXTensor& local = inputs->at(0);
-  return pbn_copy_cuda(outputs->at(0).data_ptr, local.data_ptr, nbytes(local), res) &&
-      pbn_zero_cuda(local.data_ptr, nbytes(local), res) ? MX_SUCCESS : MX_FAIL;
-}
-
-MXReturnValue accept_sums_gpu(const Attrs& attrs,
-                              std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
-                              const OpResource& res) {
-  return pbn_accept_sums_cuda(
-      inputs->at(kLocal).data<pbn_sum_t>(), inputs->at(kGroup).data<pbn_sum_t>(),
-      inputs->at(kRate).data<pbn_sum_t>(), static_cast<long>(inputs->at(kLocal).size()),
-      inputs->at(kGlobal).data<pbn_sum_t>(), inputs->at(kFresh).data<pbn_sum_t>(),
-      inputs->at(kHealth).data<float>(),
-      outputs->at(0).data<float>(), res)
-      ? MX_SUCCESS : MX_FAIL;
-}
-#endif
-
 }  // namespace
 
-REGISTER_OP(pbn_batch_norm)
-    .setParseAttrs(norm_parse)
+/* The GPU callbacks are registered in pbn_cuda.cu. */
+PBN_OP(pbn_batch_norm)
+    .setParseAttrs(counts<kNumNormInputs, kNumNormOutputs>)
     .setInferType(norm_types)
     .setInferShape(norm_shape)
-    .setMutateInputs(norm_mutates)
+    .setMutateInputs(mutates<kBatchSums>)
     .setForward(norm_forward_cpu, "cpu")
-    .setBackward(norm_backward_cpu, "cpu")
-#ifdef PBN_WITH_CUDA
-    .setForward(norm_forward_gpu, "gpu")
-    .setBackward(norm_backward_gpu, "gpu")
-#endif
-    ;
+    .setBackward(norm_backward_cpu, "cpu");
 
-REGISTER_OP(pbn_batch_sums)
-    .setParseAttrs(sums_parse)
+PBN_OP(pbn_batch_sums)
+    .setParseAttrs(counts<kNumSumsInputs, kNumSumsOutputs>)
     .setInferType(sums_types)
     .setInferShape(sums_shape)
     .setForward(sums_forward_cpu, "cpu")
-    .setBackward(sums_backward_cpu, "cpu")
-#ifdef PBN_WITH_CUDA
-    .setForward(sums_forward_gpu, "gpu")
-    .setBackward(sums_backward_gpu, "gpu")
-#endif
-    ;
+    .setBackward(sums_backward_cpu, "cpu");
 
-REGISTER_OP(pbn_running_update)
-    .setParseAttrs(running_parse)
+/* MXNet operators need an output: the channel count T, shape (1,) */
+PBN_OP(pbn_running_update)
+    .setParseAttrs(counts<kNumRunningInputs, kNumRunningOutputs>)
     .setInferType(running_types)
     .setInferShape(running_shape)
-    .setMutateInputs(running_mutates)
-    .setForward(running_update_cpu, "cpu")
-#ifdef PBN_WITH_CUDA
-    .setForward(running_update_gpu, "gpu")
-#endif
-    ;
+    .setMutateInputs(mutates<kStats, kRunningMeanAll, kRunningVarAll>)
+    .setForward(running_update_cpu, "cpu");
 
-REGISTER_OP(pbn_take_sums)
-    .setParseAttrs(take_parse)
+PBN_OP(pbn_take_sums)
+    .setParseAttrs(counts<kNumTakeInputs, kNumTakeOutputs>)
     .setInferType(take_types)
     .setInferShape(take_shape)
-    .setMutateInputs(take_mutates)
-    .setForward(take_sums_cpu, "cpu")
-#ifdef PBN_WITH_CUDA
-    .setForward(take_sums_gpu, "gpu")
-#endif
-    ;
+    .setMutateInputs(mutates<kTakeLocal>)
+    .setForward(take_sums_cpu, "cpu");
 
-REGISTER_OP(pbn_accept_sums)
-    .setParseAttrs(accept_parse)
+PBN_OP(pbn_accept_sums)
+    .setParseAttrs(counts<kNumAcceptInputs, kNumAcceptOutputs>)
     .setInferType(accept_types)
     .setInferShape(accept_shape)
-    .setMutateInputs(accept_mutates)
-    .setForward(accept_sums_cpu, "cpu")
-#ifdef PBN_WITH_CUDA
-    .setForward(accept_sums_gpu, "gpu")
-#endif
-    ;
+    .setMutateInputs(mutates<kGlobal, kFresh, kHealth>)
+    .setForward(accept_sums_cpu, "cpu");
 
 MXReturnValue initialize(int version) {
   if (version < 10700) {
