@@ -19,7 +19,7 @@ INPUTS = {
     'pbn_batch_sums': ('data',),
     'pbn_running_update': ('gather', 'momentum', 'stats', 'running_mean', 'running_var'),
     'pbn_take_sums': ('local',),
-    'pbn_accept_sums': ('local', 'group', 'rate', 'global', 'fresh', 'health'),
+    'pbn_accept_sums': ('local', 'group', 'rate', 'global_sums', 'fresh', 'health'),
 }
 
 #: pbn_batch_norm's ``is_inference`` input: one element, TRAINING while MXNet trains,

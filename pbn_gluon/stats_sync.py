@@ -38,7 +38,7 @@ from mxnet import ndarray as nd
 from mxnet.gluon import HybridBlock
 
 from .batch_stats import BatchStatsNorm
-from . import rendezvous
+from . import op_contract, rendezvous
 from .progressive_norm import ProgressiveBatchNorm
 from .stats_buffers import StatsBuffers
 from .sync_norm import SyncBatchNorm
@@ -230,8 +230,9 @@ class StatsSync:
             # batch on a device of the group: NaN and Inf survive the sum, so every device of
             # the group decides alike without another exchange); health counts such steps
             rate = self._rate[i] if t > 0 else self._no_rate[i]
-            nd.pbn_accept_sums(taken[i], new, rate, self.buffers.stats[i], self._fresh[i],
-                               self._health[i])
+            nd.pbn_accept_sums(*op_contract.inputs(
+                'pbn_accept_sums', local=taken[i], group=new, rate=rate,
+                global_sums=self.buffers.stats[i], fresh=self._fresh[i], health=self._health[i]))
 
     def _read_health(self):
         """Count the steps with non-finite statistics and warn at the first: reads the 5-number
@@ -283,8 +284,9 @@ class StatsSync:
     def _update_running(self):
         b = self.buffers
         for i in range(len(self.comm.contexts)):      # one fused operator per device
-            nd.pbn_running_update(self._gather[i], self._momentum[i], b.fresh[i],
-                                  b.running_mean[i], b.running_var[i])
+            nd.pbn_running_update(*op_contract.inputs(
+                'pbn_running_update', gather=self._gather[i], momentum=self._momentum[i],
+                stats=b.fresh[i], running_mean=b.running_mean[i], running_var=b.running_var[i]))
 
     def _set_weights(self, t):
         if not self.pbn:

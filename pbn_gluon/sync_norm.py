@@ -24,6 +24,7 @@ import mxnet as mx
 import numpy as np
 
 from .batch_stats import BatchStatsNorm
+from .op_contract import mode_value
 
 __all__ = ['SyncBatchNorm']
 
@@ -55,7 +56,7 @@ class _DeviceSum(mx.operator.CustomOp):
 
     def forward(self, is_train, req, in_data, out_data, aux):
         # the second output tells pbn_batch_norm the engine's mode (1: inference)
-        self.assign(out_data[1], req[1], mx.nd.full((1,), float(not is_train),
+        self.assign(out_data[1], req[1], mx.nd.full((1,), mode_value(is_train),
                                                     out_data[1].context))
         if is_train:
             _exchange(self._uid, self._device, 'fwd', in_data[0], out_data[0], req[0], self,

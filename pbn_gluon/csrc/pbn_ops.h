@@ -56,7 +56,7 @@ mxnet::ext::CustomOp& op(const char* name);
 #define PBN_TAKE_OUTPUTS(X) X(kTaken, "taken", 'd')
 #define PBN_ACCEPT_INPUTS(X)                                                                  \
   X(kLocal, "local", 'd') X(kGroup, "group", 'd') X(kRate, "rate", 'd')                      \
-  X(kGlobal, "global", 'd') X(kFresh, "fresh", 'd') X(kHealth, "health", 'f')
+  X(kGlobal, "global_sums", 'd') X(kFresh, "fresh", 'd') X(kHealth, "health", 'f')
 #define PBN_ACCEPT_OUTPUTS(X) X(kGroupOk, "group_ok", 'f')
 
 #define PBN_ENUM(id, name, dtype) id,
