@@ -363,13 +363,11 @@ def merge_repeats(runs):
 
 
 def plot(records, path):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    from pbn_gluon.plots import NORM_COLORS as colors, pyplot, save
+    plt = pyplot()
     groups = sorted({(r['backend'], r['devices']) for r in records},
                     key=lambda g: (BACKENDS.index(g[0]), g[1]))
     norms = [n for n in NORMS if any(r['norm'] == n for r in records)]
-    colors = {'bn': 'tab:red', 'pbn': 'tab:green', 'syncbn': 'tab:blue'}
     width = 0.8 / len(norms)
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(groups), 3.8))
     for k, norm in enumerate(norms):
@@ -391,9 +389,7 @@ def plot(records, path):
     ax.set_ylabel('median step time [ms]')
     ax.set_title('%s: step time per norm layer (x = timeout/failed)' % records[0].get('model', ''))
     ax.grid(axis='y', alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def main(args):
