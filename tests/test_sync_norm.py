@@ -38,10 +38,13 @@ def test_syncbn_equals_batchnorm_on_concatenated_batch(devices, hybridize):
                                        bn.running_var.data().asnumpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_syncbn_without_statssync_fails_clearly():
+def test_syncbn_without_statssync_fails_clearly(capfd):
+    """The layer's forward fails (MXNet reports a failed custom operator and prints the Python
+    error, which names what to do)."""
     layer = build(pbn_gluon.SyncBatchNorm(in_channels=C), [mx.cpu()], False)
     x = nd.array(batches([2], 0)[0][0])
-    with pytest.raises(mx.base.MXNetError):
+    with pytest.raises(mx.base.MXNetError, match='kCustomOpForward'):
         with autograd.record():
             y = layer(x)
         y.wait_to_read()
+    assert 'has no communicator: create pbn_gluon.StatsSync' in capfd.readouterr().out
