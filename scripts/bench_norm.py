@@ -33,7 +33,7 @@ from pbn_gluon import jobs
 from pbn_gluon.errors import ArgumentParser, positive_int, user_errors
 
 NORMS = ('bn', 'pbn', 'syncbn')
-BACKENDS = ('local', 'horovod', 'kvstore')
+BACKENDS = jobs.BACKENDS
 HERE = os.path.abspath(__file__)
 
 
@@ -72,7 +72,11 @@ def parse_args(argv=None):
     parser.add_argument('--worker-norms', default='bn', help=argparse.SUPPRESS)
     parser.add_argument('--num-devices', type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument('--result', type=str, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return _checked(parser, parser.parse_args(argv))
+
+
+def _checked(parser, args):
+    """args with --quick applied and the comma-separated lists split and checked."""
     if args.quick:
         args.devices = '1,2'
         args.steps = min(args.steps, 5)
@@ -133,65 +137,43 @@ def write_json(path, obj):
 
 
 def _job(args):
-    """(rank, size, contexts, communicator, kvstore for the Trainers) of this worker."""
-    import mxnet as mx
-    import pbn_gluon
-    if args.worker == 'horovod':
-        comm = pbn_gluon.HorovodComm(mx.cpu())
-        return comm.rank_offset, comm.size, comm.contexts, comm, None
-    if args.worker == 'kvstore':
-        comm = pbn_gluon.KVStoreComm(mx.kv.create('dist_sync'), [mx.cpu()])
-        return comm.rank_offset, comm.size, comm.contexts, comm, comm.kvstore
-    ctxs = [mx.cpu(i) for i in range(args.num_devices)]
-    return 0, len(ctxs), ctxs, pbn_gluon.LocalComm(ctxs), 'device'
+    """This worker's part of the job (pbn_gluon.jobs.Job): one CPU device per Horovod process
+    or KVStore worker, --num-devices CPU contexts on the local backend."""
+    from pbn_gluon.jobs import Job
+    return Job(args.worker, devices=args.num_devices if args.worker == 'local' else 1)
 
 
-def _setup(norm, args, ctxs, comm, kvstore):
+def _setup(norm, args, job):
     """One norm's net (the same initial weights for every norm), Trainer and StatsSync."""
     import mxnet as mx
-    from mxnet import gluon
     import pbn_gluon
     from pbn_gluon.segmentation.norms import get_norm_layer
 
     mx.random.seed(0)
-    net = build_net(get_norm_layer(norm, ctxs, in_process=args.worker == 'local'), args)
+    ctxs = job.contexts
+    net = build_net(get_norm_layer(norm, ctxs, in_process=job.in_process), args)
     net.initialize(mx.init.Xavier(), ctx=ctxs)
     net.collect_params().reset_ctx(ctxs)    # DeepLab initialises its head on cpu(0) itself
     net.hybridize(static_alloc=True)
-    optimizer_params = {'learning_rate': 0.01, 'momentum': 0.9}
-    if args.worker == 'horovod':
-        import horovod.mxnet as hvd
-        # one net per norm in this process: Horovod's tensor names must differ
-        hvd.broadcast_parameters(net.collect_params(), root_rank=0, prefix=norm + '.')
-        trainer = hvd.DistributedTrainer(net.collect_params(), 'sgd', optimizer_params,
-                                         prefix=norm + '.')
-    else:   # KVStoreComm's keys sit beside the Trainer's: no server-side optimizer
-        trainer = gluon.Trainer(net.collect_params(), 'sgd', optimizer_params, kvstore=kvstore,
-                                update_on_kvstore=False if args.worker == 'kvstore' else None)
-    if args.model == 'deeplab' and norm == 'syncbn' and comm.needs_prepare:
+    # one net per norm in this process: Horovod's tensor names must differ
+    job.broadcast(net.collect_params(), prefix=norm + '.')
+    trainer = job.trainer(net.collect_params(), {'learning_rate': 0.01, 'momentum': 0.9},
+                          prefix=norm + '.')
+    if args.model == 'deeplab' and norm == 'syncbn' and job.comm.needs_prepare:
         # SyncBN over dist_sync declares its exchanges by channel count: shapes from the graph
         net.infer_shape(mx.nd.zeros((1, 3, args.image_size, args.image_size), ctx=ctxs[0]))
-    counting = pbn_gluon.CountingComm(comm)     # exchanges per step: observed, not assumed
+    counting = pbn_gluon.CountingComm(job.comm)     # exchanges per step: observed, not assumed
     sync = pbn_gluon.StatsSync(net, counting) if norm != 'bn' else None
     return dict(net=net, trainer=trainer, sync=sync, comm=counting, times=[],
                 layers=len(pbn_gluon.find_norm_layers(net)) if sync is not None else None)
 
 
-def run_worker(args):
+def _batch(args, ctxs):
+    """Random images and labels on every device of this worker, and the loss (deeplab: per
+    pixel, on the main output)."""
     import mxnet as mx
     import numpy as np
     from mxnet import gluon
-    import pbn_gluon
-
-    np.random.seed(0)
-    rank, size, ctxs, comm, kvstore = _job(args)
-    norms = args.worker_norms.split(',')
-    runs = {norm: _setup(norm, args, ctxs, comm, kvstore) for norm in norms}
-    records = [{'norm': norm, 'backend': args.worker, 'devices': size, 'model': args.model,
-                'norm_layers': runs[norm]['layers'], 'steps': 0, 'warmup': args.warmup,
-                'step_s': None, 'status': 'started'} for norm in norms]
-    if rank == 0 and args.result:   # known before timing: kept even if the run stalls
-        write_json(args.result, records)
 
     shape = (args.batch_size, 3, args.image_size, args.image_size)
     data = [mx.nd.array(np.random.normal(size=shape), ctx=c) for c in ctxs]
@@ -203,41 +185,77 @@ def run_worker(args):
         loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
         label_shape = (args.batch_size,)
     labels = [mx.nd.array(np.random.randint(0, args.classes, label_shape), ctx=c) for c in ctxs]
+    return data, labels, loss_fn
 
-    def step(run):
-        tic = time.perf_counter()
-        losses = pbn_gluon.train_step(run['net'], loss_fn, data, labels, run['trainer'],
-                                      args.batch_size * len(ctxs), run['sync'])
-        mx.nd.waitall()
-        if run['sync'] is not None:
-            run['sync'].check()     # raises if a device never reached an exchange
-        run['loss'] = losses
-        return time.perf_counter() - tic
 
+def _timed_step(run, batch, batch_size):
+    """One training step of a norm's run, ended by waitall; its wall time in seconds."""
+    import mxnet as mx
+    import pbn_gluon
+
+    data, labels, loss_fn = batch
+    tic = time.perf_counter()
+    losses = pbn_gluon.train_step(run['net'], loss_fn, data, labels, run['trainer'],
+                                  batch_size, run['sync'])
+    mx.nd.waitall()
+    if run['sync'] is not None:
+        run['sync'].check()     # raises if a device never reached an exchange
+    run['loss'] = losses
+    return time.perf_counter() - tic
+
+
+def _time_rounds(runs, norms, args, step):
+    """Warm-up steps of each norm (their exchanges not counted), then args.steps rounds that
+    step every norm once, in an order that rotates so that no norm always goes first."""
     for norm in norms:
         for _ in range(args.warmup):
             step(runs[norm])
         runs[norm]['comm'].counts.clear()
-    for i in range(args.steps):     # rounds; the order rotates so no norm always goes first
+    for i in range(args.steps):
         for norm in norms[i % len(norms):] + norms[:i % len(norms)]:
             runs[norm]['times'].append(step(runs[norm]))
 
-    for record, norm in zip(records, norms):
-        run, times = runs[norm], runs[norm]['times']
-        loss = float(sum(l.mean().asscalar() for l in run['loss']) / len(run['loss']))
-        if not np.isfinite(loss):
-            raise RuntimeError('%s: loss is %r' % (norm, loss))
-        record.update(blocking_exchanges_per_step=round(run['comm'].counts['blocking']
-                                                        / len(times), 3),
-                      nonblocking_exchanges_per_step=run['comm'].counts['non_blocking']
-                      / len(times),
-                      step_s=float(np.median(times)), step_s_rounds=times, steps=len(times),
-                      status='ok', loss=loss)
-    if rank == 0 and args.result:
+
+def _finish(record, run, norm):
+    """Fill a norm's record from its timed rounds; a loss that is not finite is an error."""
+    import numpy as np
+
+    times = run['times']
+    loss = float(sum(l.mean().asscalar() for l in run['loss']) / len(run['loss']))
+    if not np.isfinite(loss):
+        raise RuntimeError('%s: loss is %r' % (norm, loss))
+    record.update(blocking_exchanges_per_step=round(run['comm'].counts['blocking']
+                                                    / len(times), 3),
+                  nonblocking_exchanges_per_step=run['comm'].counts['non_blocking']
+                  / len(times),
+                  step_s=float(np.median(times)), step_s_rounds=times, steps=len(times),
+                  status='ok', loss=loss)
+
+
+def run_worker(args):
+    """One configuration in this process: every norm's net, interleaved timed rounds, and the
+    records written to args.result by the root process."""
+    import mxnet as mx
+    import numpy as np
+
+    np.random.seed(0)
+    job = _job(args)
+    norms = args.worker_norms.split(',')
+    runs = {norm: _setup(norm, args, job) for norm in norms}
+    records = [{'norm': norm, 'backend': args.worker, 'devices': job.size, 'model': args.model,
+                'norm_layers': runs[norm]['layers'], 'steps': 0, 'warmup': args.warmup,
+                'step_s': None, 'status': 'started'} for norm in norms]
+    if job.is_root and args.result:     # known before timing: kept even if the run stalls
         write_json(args.result, records)
-    if args.worker == 'horovod':
-        import horovod.mxnet as hvd
-        hvd.shutdown()
+
+    batch = _batch(args, job.contexts)
+    batch_size = args.batch_size * len(job.contexts)
+    _time_rounds(runs, norms, args, lambda run: _timed_step(run, batch, batch_size))
+    for record, norm in zip(records, norms):
+        _finish(record, runs[norm], norm)
+    if job.is_root and args.result:
+        write_json(args.result, records)
+    job.shutdown()
     mx.nd.waitall()
 
 
@@ -363,13 +381,11 @@ def merge_repeats(runs):
 
 
 def plot(records, path):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    from pbn_gluon.plots import NORM_COLORS as colors, pyplot, save
+    plt = pyplot()
     groups = sorted({(r['backend'], r['devices']) for r in records},
                     key=lambda g: (BACKENDS.index(g[0]), g[1]))
     norms = [n for n in NORMS if any(r['norm'] == n for r in records)]
-    colors = {'bn': 'tab:red', 'pbn': 'tab:green', 'syncbn': 'tab:blue'}
     width = 0.8 / len(norms)
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(groups), 3.8))
     for k, norm in enumerate(norms):
@@ -391,9 +407,7 @@ def plot(records, path):
     ax.set_ylabel('median step time [ms]')
     ax.set_title('%s: step time per norm layer (x = timeout/failed)' % records[0].get('model', ''))
     ax.grid(axis='y', alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def main(args):

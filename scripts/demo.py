@@ -53,7 +53,9 @@ from pbn_demo.run import launch, worker_main
 NORMS = ('bn', 'syncbn', 'pbn', 'pbn+', 'gn')
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The command line, with the quick/full defaults filled in (args.contexts, args.seeds,
+    args.steps, args.timeout) and the PBN options checked."""
     p = ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--quick', action='store_true',
                    help='smoke test: 2 contexts, 1 seed, few steps, tiny data')
@@ -84,65 +86,70 @@ def main(argv=None):
     p.add_argument('--timeout', type=float, default=None,
                    help='seconds without a finished step before a run is killed as stalled')
     args = p.parse_args(argv)
-
     quick = args.quick
-    contexts = args.contexts or (2 if quick else 8)
-    seeds = args.seeds or (1 if quick else 3)
-    steps = args.steps or (12 if quick else 300)
+    args.contexts = args.contexts or (2 if quick else 8)
+    args.seeds = args.seeds or (1 if quick else 3)
+    args.steps = args.steps or (12 if quick else 300)
+    args.timeout = args.timeout or (60 if quick else 120)
     if not 0.0 <= args.pbn_final <= 1.0:
         p.error('--pbn-final must lie in [0, 1], got %r' % args.pbn_final)
     if not 0.0 <= args.pbn_global_momentum < 1.0:
         p.error('--pbn-global-momentum must lie in [0, 1), got %r' % args.pbn_global_momentum)
-    if any(g < 1 or contexts % g for g in args.pbn_group_sizes or []):
+    if any(g < 1 or args.contexts % g for g in args.pbn_group_sizes or []):
         p.error('--pbn-group-sizes %s: each must divide the %d contexts'
-                % (args.pbn_group_sizes, contexts))
-    cfg_base = {'contexts': contexts, 'steps': steps, 'lr': args.lr, 'width': args.width,
-                'pbn_final': args.pbn_final or None,
+                % (args.pbn_group_sizes, args.contexts))
+    return args
+
+
+def run_configs(args):
+    """One config per (images per device, seed, norm), numbered in that order."""
+    quick = args.quick
+    cfg_base = {'contexts': args.contexts, 'steps': args.steps, 'lr': args.lr,
+                'width': args.width, 'pbn_final': args.pbn_final or None,
                 'pbn_global_momentum': args.pbn_global_momentum,
                 'pbn_backward': args.pbn_backward,
                 'pbn_group_sizes': args.pbn_group_sizes,
                 'data_seed': args.data_seed,
                 'n_train': 64 if quick else 1600, 'n_val': 32 if quick else 400,
                 'checkpoints': [0.5] if quick else [0.1, 0.25, 0.5, 0.75]}
-    timeout = args.timeout or (60 if quick else 120)
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as err:
-        raise UserError('cannot create --out %s: %s' % (args.out, err.strerror or err)) from err
-
-    from tqdm import tqdm
     runs = [dict(cfg_base, norm=n, images_per_device=i, seed=s,
                  backend=args.syncbn_backend if n == 'syncbn' else 'local')
-            for i in args.ipd for s in range(seeds) for n in args.norms]
+            for i in args.ipd for s in range(args.seeds) for n in args.norms]
     for k, run in enumerate(runs):
         run['index'] = k
-    print('PBN demo: %d runs (%s x ipd %s x %d seeds), %d CPU contexts, %d steps each; '
-          'PBN local weight Linear(start=0, steps=%d) -> %s'
-          % (len(runs), '/'.join(args.norms), args.ipd, seeds, contexts, steps,
-             max(1, int(PBN_RAMP * steps)),
-             args.pbn_final or '1/%d' % contexts), flush=True)
-    records, start = [], time.time()
+    return runs
+
+
+def run_all(runs, args):
+    """Every run, one worker process per norm, under a progress bar; the records (a failed run
+    gets a record with its status) sorted by ipd, seed and norm."""
+    from tqdm import tqdm
+    records = []
 
     def on_result(cfg, record, message):
         if record is None:
             tqdm.write('run %s ipd=%d seed=%d FAILED: %s' % (
                 cfg['norm'], cfg['images_per_device'], cfg['seed'], message), file=sys.stdout)
             record = {'norm': cfg['norm'], 'images_per_device': cfg['images_per_device'],
-                      'seed': cfg['seed'], 'contexts': contexts, 'steps': steps,
+                      'seed': cfg['seed'], 'contexts': args.contexts, 'steps': args.steps,
                       'miou': None, 'step_s': None, 'blocking_exchanges_per_step': None,
                       'curve': [], 'status': 'failed: ' + message}
         records.append(record)
 
-    with tqdm(total=len(runs) * steps, unit='step', file=sys.stdout, dynamic_ncols=True,
+    with tqdm(total=len(runs) * args.steps, unit='step', file=sys.stdout, dynamic_ncols=True,
               mininterval=1.0) as bar:
         for norm in args.norms:
-            launch([r for r in runs if r['norm'] == norm], timeout, bar, on_result)
+            launch([r for r in runs if r['norm'] == norm], args.timeout, bar, on_result)
     records.sort(key=lambda r: (r['images_per_device'], r['seed'], NORMS.index(r['norm'])))
+    return records
 
+
+def write_report(records, args, start):
+    """The table on stdout, OUT/demo.json and OUT/demo.png."""
     rows = summarize(records, args.norms, args.ipd)
     print()
     print('val mIoU (mean +- std over %d seed(s)), median step time, %d CPU contexts, '
-          '%d steps, batch = ipd x %d' % (seeds, contexts, steps, contexts))
+          '%d steps, batch = ipd x %d' % (args.seeds, args.contexts, args.steps, args.contexts))
     print_table(rows)
     with open(os.path.join(args.out, 'demo.json'), 'w') as f:
         json.dump(records, f, indent=1)
@@ -150,8 +157,24 @@ def main(argv=None):
     print('\nwrote %s and %s; total wall time %.1f s' % (
         os.path.join(args.out, 'demo.json'), os.path.join(args.out, 'demo.png'),
         time.time() - start))
-    return 0 if all(r['status'] == 'ok' for r in records) else 1
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as err:
+        raise UserError('cannot create --out %s: %s' % (args.out, err.strerror or err)) from err
+    runs = run_configs(args)
+    print('PBN demo: %d runs (%s x ipd %s x %d seeds), %d CPU contexts, %d steps each; '
+          'PBN local weight Linear(start=0, steps=%d) -> %s'
+          % (len(runs), '/'.join(args.norms), args.ipd, args.seeds, args.contexts, args.steps,
+             max(1, int(PBN_RAMP * args.steps)),
+             args.pbn_final or '1/%d' % args.contexts), flush=True)
+    start = time.time()
+    records = run_all(runs, args)
+    write_report(records, args, start)
+    return 0 if all(r['status'] == 'ok' for r in records) else 1
 
 if __name__ == '__main__':
     if len(sys.argv) > 1 and sys.argv[1] == '--worker':

@@ -14,26 +14,21 @@ evaluation's (cityscapesscripts). Results go to OUT/metrics.json.
 import json
 import os
 
-import mxnet as mx
 import numpy as np
 from gluoncv.model_zoo.segbase import MultiEvalModel
 from gluoncv.utils.metrics import SegmentationMetric
 from tqdm import tqdm
 
-from pbn_gluon.errors import ArgumentParser, user_errors
+from pbn_gluon.jobs import local_contexts
 from pbn_gluon.segmentation import (CityscapesSegmentation, get_segmentation_model,
-                                    input_transform, load_config)
+                                    input_transform)
 from pbn_gluon.segmentation.checkpoint import load_params, model_params
+from pbn_gluon.segmentation.config import config_parser, run_with_config
 from pbn_gluon.segmentation.evaluation import mean_iou, official_evaluation, save_prediction
 
 
 def parse_args():
-    parser = ArgumentParser(description='Evaluate DeepLab on Cityscapes val (a user error is one '
-                                        'line on stderr, exit code 2; PBN_GLUON_DEBUG=1 or '
-                                        '--debug: its traceback)')
-    parser.add_argument('--config', required=True, help='YAML experiment config')
-    parser.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE',
-                        help='override config keys (values in YAML syntax)')
+    parser = config_parser('Evaluate DeepLab on Cityscapes val')
     parser.add_argument('--checkpoint', required=True,
                         help='model .params file, checkpoint directory or run directory')
     parser.add_argument('--save-dir', help='write the predictions here (official format)')
@@ -44,16 +39,12 @@ def parse_args():
 
 
 def main():
-    args = parse_args()
-    with user_errors('eval.py'):
-        evaluate(args)
+    run_with_config('eval.py', parse_args(), evaluate)
 
 
-def evaluate(args):
-    cfg = load_config(args.config, args.set)
+def evaluate(args, cfg):
     out = args.out or os.path.join(cfg.run_dir, 'eval')
-    ctx = ([mx.gpu(i) for i in range(cfg.gpus)] if cfg.gpus
-           else [mx.cpu(i) for i in range(cfg.devices)])
+    ctx = local_contexts(cfg.gpus, cfg.devices)
 
     valset = CityscapesSegmentation(cfg.data_root, cfg.val_split, 'testval', input_transform(),
                                     base_size=cfg.base_size, crop_size=cfg.crop_size)

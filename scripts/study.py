@@ -352,32 +352,20 @@ def format_table(rows):
     return '\n'.join(lines)
 
 
+def _val_curve(runs):
+    """The iterations of the val points and the runs' val mIoU at each."""
+    return ([p['iter'] for p in runs[0]['val_curve']],
+            np.array([[p['miou'] for p in r['val_curve']] for r in runs]))
+
+
 def plot(records, norms, ipds, path):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    colors = {'bn': 'tab:red', 'syncbn': 'tab:blue', 'pbn': 'tab:green', 'pbn+': 'tab:olive',
-              'gn': 'tab:gray'}
-    fig, axes = plt.subplots(1, len(ipds), figsize=(5.5 * len(ipds), 4.2), squeeze=False)
-    for ax, ipd in zip(axes[0], ipds):
-        for norm in norms:
-            rs = [r for r in records if r['norm'] == norm and r['images_per_device'] == ipd
-                  and r['status'] == 'ok']
-            if not rs:
-                continue
-            its = [p['iter'] for p in rs[0]['val_curve']]
-            m = np.array([[p['miou'] for p in r['val_curve']] for r in rs])
-            ax.errorbar(its, m.mean(0), yerr=m.std(0), marker='o', capsize=3,
-                        color=colors.get(norm), label='%s (%d seed%s)' % (
-                            norm, len(rs), 's' if len(rs) > 1 else ''))
-        ax.set_title('DeepLabV3-ResNet18, %d device(s) x %d image(s)' % (DEVICES, ipd))
-        ax.set_xlabel('iteration')
-        ax.set_ylabel('val mIoU (official, running stats)')
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    from pbn_gluon.plots import plot_curves
+    plot_curves(records, norms, ipds, path, _val_curve,
+                title=lambda ipd, runs: 'DeepLabV3-ResNet18, %d device(s) x %d image(s)' % (
+                    DEVICES, ipd),
+                xlabel='iteration', ylabel='val mIoU (official, running stats)',
+                label=lambda norm, runs: '%s (%d seed%s)' % (
+                    norm, len(runs), 's' if len(runs) > 1 else ''))
 
 
 def report(records, args, commit, wall_s):

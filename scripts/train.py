@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+import types
 
 import mxnet as mx
 from gluoncv.loss import MixSoftmaxCrossEntropyLoss
@@ -24,20 +25,16 @@ from mxnet import gluon
 from tqdm import tqdm
 
 import pbn_gluon
-from pbn_gluon.errors import ArgumentParser, ConfigError, UserError, user_errors
+from pbn_gluon.errors import ConfigError, UserError
+from pbn_gluon.jobs import Job
 from pbn_gluon.segmentation import (CityscapesSegmentation, checkpoint, epoch_batches,
-                                    input_transform, load_config, model_from_config)
+                                    input_transform, model_from_config)
+from pbn_gluon.segmentation.config import config_parser, run_with_config
 from pbn_gluon.rendezvous import cpu_resource_advice, cpu_resource_env
-from pbn_gluon.segmentation.distributed import Job
 
 
 def parse_args():
-    parser = ArgumentParser(description='Train DeepLab on Cityscapes (a user error is one line '
-                                        'on stderr, exit code 2; PBN_GLUON_DEBUG=1 or --debug: '
-                                        'its traceback)')
-    parser.add_argument('--config', required=True, help='YAML experiment config')
-    parser.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE',
-                        help='override config keys (values in YAML syntax)')
+    parser = config_parser('Train DeepLab on Cityscapes')
     parser.add_argument('--resume', action='store_true',
                         help="continue from the run directory's last checkpoint, if any")
     return parser.parse_args()
@@ -109,42 +106,46 @@ class MetricsLog:
 
 
 def main():
-    args = parse_args()
-    with user_errors('train.py'):
-        train(args)
+    run_with_config('train.py', parse_args(), train)
 
 
-def train(args):
-    cfg = load_config(args.config, args.set)
-    job = Job(cfg.backend, cfg.gpus, cfg.devices)
-    ensure_cpu_resources(job, cfg.norm)
-    ctx = job.contexts
-    layout = {'model': cfg.model, 'backbone': cfg.backbone, 'norm': cfg.norm,
-              'backend': cfg.backend, 'devices': job.size}
-
-    # a checkpoint to resume must fit the config: checked before anything is built
+def checkpoint_to_resume(cfg, resume, layout):
+    """The run directory's last checkpoint (None if it has none), checked against the config
+    before anything is built; one without --resume is an error."""
     last = checkpoint.latest(cfg.run_dir)
-    if last and not args.resume:
+    if last and not resume:
         raise UserError('%s already holds a checkpoint (%s): add --resume to continue it, or '
                         'choose another run_dir' % (cfg.run_dir, last))
     if last:
         checkpoint.check_layout(last, layout, has_sync=cfg.norm in ('pbn', 'syncbn'))
+    return last
 
-    # data: each global batch holds batch_size images per device of the job, in rank order
+
+def training_data(cfg, job):
+    """The training set, and its plan: each global batch holds batch_size images per device of
+    the job, in rank order; `local` is this process's slice of it."""
     trainset = CityscapesSegmentation(cfg.data_root, cfg.train_split, 'train', input_transform(),
                                       base_size=cfg.base_size, crop_size=cfg.crop_size,
                                       seed=cfg.seed)
     global_batch = cfg.batch_size * job.size
-    local = slice(job.rank_offset * cfg.batch_size, (job.rank_offset + len(ctx)) * cfg.batch_size)
     if len(trainset) < global_batch:
         raise ConfigError('%s has %d training images (split %s), fewer than one global batch of '
                           '%d (batch_size %d x %d devices): add images or lower batch_size or '
                           'devices' % (cfg.data_root, len(trainset), cfg.train_split,
                                        global_batch, cfg.batch_size, job.size))
     iters_per_epoch = cfg.overfit_batches or len(trainset) // global_batch
-    total_iters = cfg.epochs * iters_per_epoch
+    plan = types.SimpleNamespace(
+        global_batch=global_batch, iters_per_epoch=iters_per_epoch,
+        total_iters=cfg.epochs * iters_per_epoch,
+        local=slice(job.rank_offset * cfg.batch_size,
+                    (job.rank_offset + len(job.contexts)) * cfg.batch_size))
+    return trainset, plan
 
-    # model, loss, optimizer
+
+def build_model(cfg, job):
+    """The net (the root's weights on every process), loss, trainer and, for pbn and syncbn,
+    StatsSync."""
+    ctx = job.contexts
     mx.random.seed(cfg.seed, ctx='all')
     net = model_from_config(cfg, ctx, in_process=job.in_process)
     if cfg.norm == 'syncbn' and job.comm.needs_prepare:
@@ -157,51 +158,87 @@ def train(args):
     trainer = job.trainer(net.collect_params(), {'learning_rate': cfg.lr, 'momentum': cfg.momentum,
                                                  'wd': cfg.weight_decay})
     sync = pbn_gluon.StatsSync(net, job.comm) if cfg.norm in ('pbn', 'syncbn') else None
+    return types.SimpleNamespace(net=net, criterion=criterion, trainer=trainer, sync=sync)
 
-    start_epoch, iteration = 0, 0
+
+def resume_from(last, job, model, log):
+    """(epoch, iteration) to start from: (0, 0), or the checkpoint's, loaded into the model;
+    the metrics log loses what the killed run logged after it."""
+    if not last:
+        return 0, 0
+    start_epoch, iteration = checkpoint.load(last, model.net, model.trainer, job.contexts,
+                                             model.sync, job.comm)
+    if job.is_root:     # each iteration once in the log
+        cut_metrics(log.path, iteration)
+    return start_epoch, iteration
+
+
+def epoch_loader(cfg, trainset, plan, epoch):
+    """The epoch's batches of this process (overfit_batches: the very same every epoch)."""
+    seed_epoch(cfg.seed, epoch)
+    data_epoch = 0 if cfg.overfit_batches else epoch
+    trainset.set_epoch(data_epoch)
+    batches = epoch_batches(len(trainset), plan.global_batch, cfg.seed, data_epoch)
+    return gluon.data.DataLoader(trainset, num_workers=cfg.workers, batch_sampler=[
+        batches[i % len(batches)][plan.local] for i in range(plan.iters_per_epoch)])
+
+
+def train_epoch(cfg, job, model, plan, progress, epoch, iteration, log):
+    """One epoch's steps (poly learning rate); the root logs every log_interval-th. Returns the
+    iteration reached."""
+    ctx, sync = job.contexts, model.sync
+    for data, target in progress:
+        tic = time.time()
+        lr = cfg.lr * (1 - iteration / plan.total_iters) ** cfg.lr_power
+        model.trainer.set_learning_rate(lr)
+        xs = gluon.utils.split_and_load(data, ctx)
+        ys = gluon.utils.split_and_load(target, ctx)
+        losses = pbn_gluon.train_step(model.net, lambda out, y: model.criterion(*out, y), xs, ys,
+                                      model.trainer, job.step_batch(cfg.batch_size), sync)
+        loss = sum(l.sum().asscalar() for l in losses) / len(data)
+        iteration += 1
+        progress.set_postfix(loss='%.4f' % loss, lr='%.2e' % lr)
+        if job.is_root and (iteration % cfg.log_interval == 0 or iteration == plan.total_iters):
+            record = {'epoch': epoch, 'iter': iteration, 'loss': loss, 'lr': lr,
+                      'step_s': round(time.time() - tic, 4)}
+            if sync is not None and sync.pbn:   # steps whose global moments were left out
+                record['nonfinite_stats_steps'] = sync.nonfinite_steps
+            log.write(record)
+    return iteration
+
+
+def save_epoch(cfg, job, model, layout, epoch, iteration, progress):
+    """The checkpoint after `epoch` (every process gives its exchange state, the root writes)."""
+    sync = model.sync
+    sync_state = checkpoint.gather_sync_state(sync, job.comm) if sync is not None else None
+    if job.is_root:
+        path = checkpoint.save(cfg.run_dir, epoch + 1, iteration, model.net, model.trainer,
+                               sync_state, layout, keep_old=cfg.keep_checkpoints)
+        progress.write('epoch %d done, checkpoint %s' % (epoch, path))
+
+
+def train(args, cfg):
+    job = Job(cfg.backend, cfg.gpus, cfg.devices)
+    ensure_cpu_resources(job, cfg.norm)
+    layout = {'model': cfg.model, 'backbone': cfg.backbone, 'norm': cfg.norm,
+              'backend': cfg.backend, 'devices': job.size}
+    last = checkpoint_to_resume(cfg, args.resume, layout)
+    trainset, plan = training_data(cfg, job)
+    model = build_model(cfg, job)
     log = MetricsLog(os.path.join(cfg.run_dir, 'metrics.jsonl'))
-    if last:
-        start_epoch, iteration = checkpoint.load(last, net, trainer, ctx, sync, job.comm)
-        if job.is_root:     # each iteration once in the log
-            cut_metrics(log.path, iteration)
+    start_epoch, iteration = resume_from(last, job, model, log)
     if cfg.hybridize:
-        net.hybridize(static_alloc=True)
+        model.net.hybridize(static_alloc=True)
     if job.is_root:
         print('%s: %s-%s, norm %s, %d device(s) x %d image(s), %d iterations per epoch, '
               'epochs %d..%d' % (cfg.name, cfg.model, cfg.backbone, cfg.norm, job.size,
-                                 cfg.batch_size, iters_per_epoch, start_epoch, cfg.epochs - 1))
-
+                                 cfg.batch_size, plan.iters_per_epoch, start_epoch,
+                                 cfg.epochs - 1))
     for epoch in range(start_epoch, cfg.epochs):
-        seed_epoch(cfg.seed, epoch)
-        data_epoch = 0 if cfg.overfit_batches else epoch     # overfit: the very same batches
-        trainset.set_epoch(data_epoch)
-        batches = epoch_batches(len(trainset), global_batch, cfg.seed, data_epoch)
-        loader = gluon.data.DataLoader(trainset, num_workers=cfg.workers, batch_sampler=[
-            batches[i % len(batches)][local] for i in range(iters_per_epoch)])
-        progress = tqdm(loader, desc='epoch %d' % epoch, disable=not job.is_root,
-                        dynamic_ncols=True)
-        for data, target in progress:
-            tic = time.time()
-            lr = cfg.lr * (1 - iteration / total_iters) ** cfg.lr_power
-            trainer.set_learning_rate(lr)
-            xs = gluon.utils.split_and_load(data, ctx)
-            ys = gluon.utils.split_and_load(target, ctx)
-            losses = pbn_gluon.train_step(net, lambda out, y: criterion(*out, y), xs, ys,
-                                          trainer, job.step_batch(cfg.batch_size), sync)
-            loss = sum(l.sum().asscalar() for l in losses) / len(data)
-            iteration += 1
-            progress.set_postfix(loss='%.4f' % loss, lr='%.2e' % lr)
-            if job.is_root and (iteration % cfg.log_interval == 0 or iteration == total_iters):
-                record = {'epoch': epoch, 'iter': iteration, 'loss': loss, 'lr': lr,
-                          'step_s': round(time.time() - tic, 4)}
-                if sync is not None and sync.pbn:   # steps whose global moments were left out
-                    record['nonfinite_stats_steps'] = sync.nonfinite_steps
-                log.write(record)
-        sync_state = checkpoint.gather_sync_state(sync, job.comm) if sync is not None else None
-        if job.is_root:
-            path = checkpoint.save(cfg.run_dir, epoch + 1, iteration, net, trainer, sync_state,
-                                   layout, keep_old=cfg.keep_checkpoints)
-            progress.write('epoch %d done, checkpoint %s' % (epoch, path))
+        progress = tqdm(epoch_loader(cfg, trainset, plan, epoch), desc='epoch %d' % epoch,
+                        disable=not job.is_root, dynamic_ncols=True)
+        iteration = train_epoch(cfg, job, model, plan, progress, epoch, iteration, log)
+        save_epoch(cfg, job, model, layout, epoch, iteration, progress)
     mx.nd.waitall()
 
 

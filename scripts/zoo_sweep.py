@@ -157,16 +157,13 @@ def _initializer():
     return SweepInit()
 
 
-def run_variant(name, variant, shape, steps=2):
-    """Build, train 2 steps on 2 CPU contexts, infer once; raises on any failure."""
+def _build_variant(name, variant, shape, ctxs):
+    """The model with BatchNorm, with ProgressiveBatchNorm, or with BatchNorm converted by
+    convert_norm, initialized on every context and hybridized."""
     import mxnet as mx
-    import numpy as np
-    from mxnet import autograd, gluon
     from mxnet.gluon import nn
     import pbn_gluon
-    from pbn_gluon.export import flatten_outputs
 
-    ctxs = [mx.cpu(i) for i in range(NUM_CONTEXTS)]
     mx.random.seed(0)
     if variant == 'bn':
         net = build(name, nn.BatchNorm, shape)
@@ -182,6 +179,33 @@ def run_variant(name, variant, shape, steps=2):
     net.initialize(_initializer(), ctx=ctxs)
     net.collect_params().reset_ctx(ctxs)                 # zoo heads init on one context
     net.hybridize()
+    return net
+
+
+def _inference_note(outs):
+    """A note for the table when an inference output is not finite (not a failure)."""
+    import numpy as np
+    from pbn_gluon.export import flatten_outputs
+
+    for out in outs:
+        for o in flatten_outputs(out):
+            if o.dtype == np.float32 and not np.all(np.isfinite(o.asnumpy())):
+                # random weights and running statistics of 2 steps: deep nets can overflow in
+                # inference (measured on i3d: activations x10-100 a block, inf by layer 4)
+                return 'inference output not finite (random weights, 2-step running stats)'
+    return None
+
+
+def run_variant(name, variant, shape, steps=2):
+    """Build, train 2 steps on 2 CPU contexts, infer once; raises on any failure."""
+    import mxnet as mx
+    import numpy as np
+    from mxnet import autograd, gluon
+    import pbn_gluon
+    from pbn_gluon.export import flatten_outputs
+
+    ctxs = [mx.cpu(i) for i in range(NUM_CONTEXTS)]
+    net = _build_variant(name, variant, shape, ctxs)
     sync = None
     if variant != 'bn':
         sync = pbn_gluon.StatsSync(net, pbn_gluon.LocalComm(ctxs))
@@ -204,12 +228,9 @@ def run_variant(name, variant, shape, steps=2):
         raise FloatingPointError('training loss not finite: %s' % losses)
     outs = [net(mx.nd.array(rng.normal(size=shape), ctx=c)) for c in ctxs]
     info = {'loss': losses[-1]}
-    for out in outs:
-        for o in flatten_outputs(out):
-            if o.dtype == np.float32 and not np.all(np.isfinite(o.asnumpy())):
-                # random weights and running statistics of 2 steps: deep nets can overflow in
-                # inference (measured on i3d: activations x10-100 a block, inf by layer 4)
-                info['note'] = 'inference output not finite (random weights, 2-step running stats)'
+    note = _inference_note(outs)
+    if note:
+        info['note'] = note
     mx.nd.waitall()
     return info
 
@@ -299,6 +320,42 @@ def sweep_model(name, timeout, variants=VARIANTS):
     return row
 
 
+def _run_worker(name, variants, timeout, env):
+    """One worker process for `variants` of `name`: (its JSON lines, exit code or None when it
+    timed out, the tail of its stderr, timed out)."""
+    fd, path = tempfile.mkstemp(suffix='.jsonl')
+    os.close(fd)
+    cmd = [sys.executable, os.path.abspath(__file__), '--worker', name,
+           '--variants', ','.join(variants), '--worker-out', path]
+    try:
+        proc = subprocess.run(cmd, env=_worker_env(env), capture_output=True, text=True,
+                              timeout=timeout)
+        code, tail, timed_out = proc.returncode, (proc.stderr or '')[-3000:], False
+    except subprocess.TimeoutExpired as exc:
+        err = exc.stderr or b''
+        code, timed_out = None, True
+        tail = (err.decode(errors='replace') if isinstance(err, bytes) else err)[-3000:]
+    with open(path) as f:
+        lines = [json.loads(l) for l in f if l.strip()]
+    os.unlink(path)
+    return lines, code, tail, timed_out
+
+
+def _read_worker_lines(row, lines):
+    """Put a worker's results (and the model's input shape) into `row`; the variant it had
+    started and not finished, if any."""
+    started = None
+    for line in lines:
+        if 'shape' in line:
+            row['shape'] = line['shape']
+        elif line['status'] == 'started':
+            started = line['variant']
+        else:
+            row[line['variant']] = {k: v for k, v in line.items() if k != 'variant'}
+            started = None
+    return started
+
+
 def _sweep_model(name, timeout, variants, env=None):
     """A crashed worker is restarted for the variants after the one it died in."""
     row = {'family': family(name)}
@@ -310,30 +367,8 @@ def _sweep_model(name, timeout, variants, env=None):
             for v in todo:
                 row[v] = {'status': 'timeout', 'reason': 'not reached within %d s' % timeout}
             break
-        fd, path = tempfile.mkstemp(suffix='.jsonl')
-        os.close(fd)
-        cmd = [sys.executable, os.path.abspath(__file__), '--worker', name,
-               '--variants', ','.join(todo), '--worker-out', path]
-        try:
-            proc = subprocess.run(cmd, env=_worker_env(env), capture_output=True, text=True,
-                                  timeout=left)
-            code, tail, timed_out = proc.returncode, (proc.stderr or '')[-3000:], False
-        except subprocess.TimeoutExpired as exc:
-            err = exc.stderr or b''
-            code, timed_out = None, True
-            tail = (err.decode(errors='replace') if isinstance(err, bytes) else err)[-3000:]
-        with open(path) as f:
-            lines = [json.loads(l) for l in f if l.strip()]
-        os.unlink(path)
-        started = None
-        for line in lines:
-            if 'shape' in line:
-                row['shape'] = line['shape']
-            elif line['status'] == 'started':
-                started = line['variant']
-            else:
-                row[line['variant']] = {k: v for k, v in line.items() if k != 'variant'}
-                started = None
+        lines, code, tail, timed_out = _run_worker(name, todo, left, env)
+        started = _read_worker_lines(row, lines)
         todo = [v for v in todo if v not in row]
         if not todo:
             break
@@ -377,6 +412,38 @@ def _classify(row):
     return 'ours' if any(s in ('fail', 'crash') for s in others) else 'timeout'
 
 
+WHOSE = {'ok': 'pass all three', 'model': 'fail with BatchNorm too (the model\'s own)',
+         'ours': 'fail with PBN only',
+         'no-layer': 'keep no norm layer Block (norm_layer does not reach a layer that can be '
+                     'swapped or synchronised)',
+         'timeout': 'timed out', 'mkldnn': 'fail with BatchNorm too in MXNet\'s oneDNN (MKLDNN) '
+                                           'backend and pass all three without it'}
+
+
+def _table_row(name, row):
+    """The markdown table's line of one model."""
+    reasons = []
+    for v in VARIANTS:
+        cell = row.get(v, {})
+        if cell.get('traceback'):
+            cell['reason'] = _reason(cell['traceback'])
+        if cell.get('note'):
+            reasons.append('%s: %s' % (v, cell['note']))
+        if cell.get('status') not in ('ok', None) and cell.get('reason'):
+            r = cell['reason'].replace('|', '/').replace('\n', ' ')
+            if r not in reasons:
+                reasons.append(r)
+    if 'without_mkldnn' in row:
+        reasons.append('without MKLDNN (MXNET_MKLDNN_ENABLED=0): ' + ', '.join(
+            '%s %s' % (label, row['without_mkldnn'].get(v, {}).get('status', '-'))
+            for v, label in zip(VARIANTS, ('BN', 'PBN', 'convert'))))
+    shape = 'x'.join(str(s) for s in row.get('shape', [])[1:]) or '-'
+    return '| %s | %s | %s | %s | %s | %s | %s | %s |' % (
+        name, row.get('family', ''), shape,
+        *[row.get(v, {}).get('status', '-') for v in VARIANTS], classify(row),
+        '; '.join(reasons)[:400])
+
+
 def write_markdown(results, path, pending=()):
     rows = sorted(results.items())
     counts = {}
@@ -389,38 +456,12 @@ def write_markdown(results, path, pending=()):
            'and BatchNorm converted by `convert_norm` (convert).' % (
                time.strftime('%Y-%m-%d', time.gmtime()), NUM_CONTEXTS), '',
            'Summary: %d models run: %s.' % (len(rows), ', '.join(
-               '%d %s' % (n, {'ok': 'pass all three', 'model': 'fail with BatchNorm too '
-                              '(the model\'s own)', 'ours': 'fail with PBN only',
-                              'no-layer': 'keep no norm layer Block (norm_layer does not reach a '
-                              'layer that can be swapped or synchronised)',
-                              'timeout': 'timed out', 'mkldnn': 'fail with BatchNorm too in '
-                              'MXNet\'s oneDNN (MKLDNN) backend and pass all three without it'}[k])
-               for k, n in sorted(counts.items())))]
+               '%d %s' % (n, WHOSE[k]) for k, n in sorted(counts.items())))]
     if pending:
         out += ['', 'Not reached in this run (%d): %s.' % (len(pending), ', '.join(pending))]
     out += ['', '| model | family | input | BN | PBN | convert_norm | whose | reason |',
             '|---|---|---|---|---|---|---|---|']
-    for name, row in rows:
-        reasons = []
-        for v in VARIANTS:
-            cell = row.get(v, {})
-            if cell.get('traceback'):
-                cell['reason'] = _reason(cell['traceback'])
-            if cell.get('note'):
-                reasons.append('%s: %s' % (v, cell['note']))
-            if cell.get('status') not in ('ok', None) and cell.get('reason'):
-                r = cell['reason'].replace('|', '/').replace('\n', ' ')
-                if r not in reasons:
-                    reasons.append(r)
-        if 'without_mkldnn' in row:
-            reasons.append('without MKLDNN (MXNET_MKLDNN_ENABLED=0): ' + ', '.join(
-                '%s %s' % (label, row['without_mkldnn'].get(v, {}).get('status', '-'))
-                for v, label in zip(VARIANTS, ('BN', 'PBN', 'convert'))))
-        shape = 'x'.join(str(s) for s in row.get('shape', [])[1:]) or '-'
-        out.append('| %s | %s | %s | %s | %s | %s | %s | %s |' % (
-            name, row.get('family', ''), shape,
-            *[row.get(v, {}).get('status', '-') for v in VARIANTS], classify(row),
-            '; '.join(reasons)[:400]))
+    out += [_table_row(name, row) for name, row in rows]
     with open(path, 'w') as f:
         f.write('\n'.join(out) + '\n')
 
@@ -453,7 +494,7 @@ def discover(timeout, chunk=20):
     return found
 
 
-def main(argv=None):
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('--models', nargs='*', help='zoo model names (default: every zoo model '
                     'whose constructor takes norm_layer)')
@@ -468,43 +509,48 @@ def main(argv=None):
     ap.add_argument('--variants', default=','.join(VARIANTS), help=argparse.SUPPRESS)
     ap.add_argument('--worker-out', help=argparse.SUPPRESS)
     ap.add_argument('--discover', action='store_true', help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    if args.worker:
-        worker(args.worker, args.variants.split(','), args.worker_out)
-        return 0
-    if args.discover:
-        import gc
-        for name in args.models:
-            takes = takes_norm_layer(name)
-            gc.collect()
-            with open(args.worker_out, 'a') as f:
-                f.write(json.dumps({'model': name, 'takes': takes}) + '\n')
-        return 0
 
+def discover_worker(models, out):
+    """In a subprocess of discover(): a line {model, takes} per model, as soon as it is known."""
+    import gc
+    for name in models:
+        takes = takes_norm_layer(name)
+        gc.collect()
+        with open(out, 'a') as f:
+            f.write(json.dumps({'model': name, 'takes': takes}) + '\n')
+
+
+def write_table_only(path, md):
+    """The markdown table of the results in `path` (nothing is run)."""
+    with open(path) as f:
+        data = json.load(f)
+    listed = data.get('models_listed') or []
+    write_markdown(data['models'], md, pending=[m for m in listed if m not in data['models']])
+
+
+def load_results(path):
+    """(results per model, the models listed by the run that wrote them) of a results file; an
+    absent file gives ({}, None)."""
+    if not os.path.exists(path):
+        return {}, None
+    with open(path) as f:
+        data = json.load(f)
+    return data.get('models', {}), data.get('models_listed')
+
+
+def sweep(args, md):
+    """Sweep the models not yet in the results (all with --rerun), saving after each; then run
+    without oneDNN the rows of an earlier run that failed in it."""
     from tqdm import tqdm
-    md = args.md or os.path.splitext(args.json)[0] + '.md'
-    results = {}
-    if os.path.exists(args.json):
-        with open(args.json) as f:
-            results = json.load(f).get('models', {})
-    listed = None
-    if args.table_only:
-        with open(args.json) as f:
-            data = json.load(f)
-        listed = data.get('models_listed') or []
-        write_markdown(data['models'], md, pending=[m for m in listed if m not in data['models']])
-        return 0
-    if os.path.exists(args.json):
-        with open(args.json) as f:
-            listed = json.load(f).get('models_listed')
+    results, listed = load_results(args.json)
     models = args.models or listed or discover(args.timeout)
     listed = listed or (None if args.models else models)
     todo = [m for m in models if args.rerun or m not in results]
     if args.limit is not None:
         todo = todo[:args.limit]
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    pending = lambda: [m for m in (listed or models) if m not in results]   # noqa: E731
 
     def save():
         tmp = args.json + '.tmp'
@@ -512,7 +558,7 @@ def main(argv=None):
             json.dump({'contexts': NUM_CONTEXTS, 'models_listed': listed, 'models': results},
                       f, indent=1, sort_keys=True)
         os.replace(tmp, args.json)
-        write_markdown(results, md, pending=pending())
+        write_markdown(results, md, pending=[m for m in (listed or models) if m not in results])
     save()
     bar = tqdm(todo, unit='model')
     for name in bar:
@@ -525,8 +571,19 @@ def main(argv=None):
         again = _sweep_model(name, args.timeout, VARIANTS, {'MXNET_MKLDNN_ENABLED': '0'})
         results[name]['without_mkldnn'] = {v: again[v] for v in VARIANTS}
         save()
-    return 0
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        worker(args.worker, args.variants.split(','), args.worker_out)
+    elif args.discover:
+        discover_worker(args.models, args.worker_out)
+    elif args.table_only:
+        write_table_only(args.json, args.md or os.path.splitext(args.json)[0] + '.md')
+    else:
+        sweep(args, args.md or os.path.splitext(args.json)[0] + '.md')
+    return 0
 
 if __name__ == '__main__':
     sys.exit(main())

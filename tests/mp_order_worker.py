@@ -6,7 +6,7 @@ before or after ``trainer.step()``.
     python -m pbn_gluon.launch -n 2 -- python tests/mp_order_worker.py --backend kvstore ...
 
 Horovod: DistributedTrainer and broadcast_parameters(net.collect_params()); KVStore dist_sync:
-gluon.Trainer on the same kvstore with update_on_kvstore=False. Writes OUT/rank{r}.npz: the
+gluon.Trainer on the same kvstore with update_on_kvstore=False (pbn_gluon.jobs.Job). Writes OUT/rank{r}.npz: the
 layer's group sums after the first step and every trainable parameter at the end."""
 import argparse
 import os
@@ -17,6 +17,7 @@ from mxnet import autograd, gluon, nd
 
 import pbn_gluon
 from common import make_batch
+from pbn_gluon.jobs import Job
 
 parser = argparse.ArgumentParser()
 parser.add_argument('--backend', choices=['horovod', 'kvstore'], required=True)
@@ -31,16 +32,10 @@ net.add(pbn_gluon.ProgressiveBatchNorm(in_channels=3, local_weight=0.25, global_
 mx.random.seed(3)
 net.initialize(mx.init.Xavier(), ctx=mx.cpu())
 net.hybridize(static_alloc=True)
-optimizer = {'learning_rate': 0.1, 'momentum': 0.9}
-if args.backend == 'horovod':
-    import horovod.mxnet as hvd
-    comm = pbn_gluon.HorovodComm(mx.cpu())
-    hvd.broadcast_parameters(net.collect_params(), root_rank=0)
-    trainer = hvd.DistributedTrainer(net.collect_params(), 'sgd', optimizer)
-else:
-    comm = pbn_gluon.KVStoreComm(mx.kv.create('dist_sync'), [mx.cpu()])
-    trainer = gluon.Trainer(net.collect_params(), 'sgd', optimizer, kvstore=comm.kvstore,
-                            update_on_kvstore=False)
+job = Job(args.backend)      # one CPU device per process
+job.broadcast(net.collect_params())
+trainer = job.trainer(net.collect_params(), {'learning_rate': 0.1, 'momentum': 0.9})
+comm = job.comm
 sync = pbn_gluon.StatsSync(net, comm)
 rank, size = comm.rank_offset, comm.size
 records = {}

@@ -14,6 +14,7 @@ from mxnet import autograd, nd
 
 import pbn_gluon
 from common import make_batch, make_net
+from pbn_gluon.jobs import Job
 
 parser = argparse.ArgumentParser()
 parser.add_argument('--backend', choices=['horovod', 'kvstore'], required=True)
@@ -24,10 +25,7 @@ parser.add_argument('--channels', type=int, default=4)
 parser.add_argument('--local-weight', type=float, default=0.5)
 args = parser.parse_args()
 
-if args.backend == 'horovod':
-    comm = pbn_gluon.HorovodComm(mx.cpu())
-else:
-    comm = pbn_gluon.KVStoreComm(mx.kv.create('dist_sync'), [mx.cpu()])
+comm = Job(args.backend).comm      # one CPU device per process
 rank, size = comm.rank_offset, comm.size
 
 net = make_net(args.norm, channels=args.channels, local_weight=args.local_weight)

@@ -47,12 +47,11 @@ def test_statssync_on_other_contexts():
 
 
 def test_launcher_stops_the_job_when_a_worker_dies():
-    """A dist_sync worker that dies makes the launcher stop the others and report it."""
+    """A dist_sync worker that dies makes the launcher stop the others and report it: the
+    launcher exits (rank 0 alone would wait forever) with the dead worker's code."""
     import re
     import subprocess
     import sys
-    import time
-    start = time.time()
     code = (
         'import os, sys, time, mxnet as mx\n'
         'kv = mx.kv.create("dist_sync")\n'
@@ -66,7 +65,6 @@ def test_launcher_stops_the_job_when_a_worker_dies():
     assert result.returncode == 3
     # the launcher numbers its processes; ps-lite assigns ranks in its own order
     assert re.search(r'worker \d exited with 3; stopping the job', result.stderr), result.stderr
-    assert time.time() - start < 100
 
 
 def test_syncbn_on_cpu_contexts_fails_fast_when_resource_copies_are_too_few(monkeypatch):

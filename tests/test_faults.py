@@ -87,18 +87,16 @@ def test_finite_steps_are_not_counted():
 
 def test_device_that_never_reaches_a_syncbn_exchange_fails_the_step(monkeypatch):
     """2 CPU contexts of one process, only device 0 runs the forward: its exchange gives up
-    after the rendezvous timeout (nothing hangs), and the next sync.step() raises naming
-    device 1."""
+    after the rendezvous timeout (nothing hangs: the forward's output becomes readable), and
+    the next sync.step() raises naming device 1."""
     monkeypatch.setattr(pbn_gluon.rendezvous, 'TIMEOUT', 2.0)
     ctxs = [mx.cpu(0), mx.cpu(1)]
     layer = pbn_gluon.SyncBatchNorm(in_channels=C)
     layer.initialize(ctx=ctxs)
     sync = pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs))
-    start = time.time()
     with autograd.record():
         y = layer(mx.nd.ones((2, C, 3, 3), ctx=ctxs[0]))
-    y.wait_to_read()
-    assert time.time() - start < 30
+    y.wait_to_read()        # returns once the meeting has given up on device 1
     with pytest.raises(TimeoutError, match=r'device\(s\) \[1\] .* did not reach'):
         sync.step()
 
@@ -170,8 +168,9 @@ def test_killed_process_ends_the_job_and_keeps_the_checkpoint(victim, fake_root,
 
 def test_syncbn_in_one_process_resumes_without_waiting(monkeypatch):
     """A resumed run (a new layer and StatsSync, the checkpoint's state at step 2) steps on at
-    once: it waits only for the group sums of its own steps. Running statistics stay equal on
-    both devices."""
+    once: it waits only for the group sums of its own steps (a wait for any other would give
+    up after the rendezvous timeout, and sync.step() would raise TimeoutError). Running
+    statistics stay equal on both devices."""
     monkeypatch.setattr(pbn_gluon.rendezvous, 'TIMEOUT', 5.0)
     ctxs = [mx.cpu(0), mx.cpu(1)]
     layer = build(pbn_gluon.SyncBatchNorm(in_channels=C), ctxs, True)
@@ -181,9 +180,8 @@ def test_syncbn_in_one_process_resumes_without_waiting(monkeypatch):
     layer = build(pbn_gluon.SyncBatchNorm(in_channels=C), ctxs, True)
     resumed = pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs))
     resumed.load_state_dict(sync.state_dict())
-    start = time.time()
-    step(layer, *batches([2, 1], 2), ctxs, resumed)
-    assert time.time() - start < 4 and resumed.step_count == 3
+    step(layer, *batches([2, 1], 2), ctxs, resumed)       # sync.step(): no TimeoutError
+    assert resumed.step_count == 3
     means = [layer.running_mean.data(c).asnumpy() for c in ctxs]
     np.testing.assert_array_equal(means[0], means[1])
     assert np.abs(means[0]).sum() > 0

@@ -58,10 +58,14 @@ def test_syncbn_with_deferred_channels_equals_batchnorm(devices, hybridize):
     np.testing.assert_allclose(np.concatenate(dxs), dx_ref, rtol=1e-3, atol=1e-4)
     assert layer.gamma.shape == (C,)
 
-def test_syncbn_without_statssync_fails_clearly():
+
+def test_syncbn_without_statssync_fails_clearly(capfd):
+    """The layer's forward fails (MXNet reports a failed custom operator and prints the Python
+    error, which names what to do)."""
     layer = build(pbn_gluon.SyncBatchNorm(in_channels=C), [mx.cpu()], False)
     x = nd.array(batches([2], 0)[0][0])
-    with pytest.raises(mx.base.MXNetError):
+    with pytest.raises(mx.base.MXNetError, match='kCustomOpForward'):
         with autograd.record():
             y = layer(x)
         y.wait_to_read()
+    assert 'has no exchange: create pbn_gluon.StatsSync' in capfd.readouterr().out

@@ -5,10 +5,11 @@ import types
 
 import yaml
 
-from ..errors import ConfigError, one_line
+from ..errors import ArgumentParser, ConfigError, one_line, user_errors
 from .models import MODELS
 
-__all__ = ['KEYS', 'load_config', 'describe', 'check_values', 'ConfigError']
+__all__ = ['KEYS', 'load_config', 'describe', 'check_values', 'ConfigError', 'config_parser',
+           'run_with_config']
 
 #: key -> (default, meaning). A default of REQUIRED must be given.
 REQUIRED = object()
@@ -284,3 +285,22 @@ def load_config(path, overrides=()):
     if cfg.run_dir is None:
         cfg.run_dir = os.path.join('runs', cfg.name)
     return cfg
+
+
+def config_parser(description):
+    """The command line of a config-driven script (train.py, eval.py): --config and --set, and
+    the one-line user errors of pbn_gluon.errors.ArgumentParser (add the script's own options)."""
+    parser = ArgumentParser(description=description + ' (a user error is one line on stderr, '
+                                                      'exit code 2; PBN_GLUON_DEBUG=1 or --debug: '
+                                                      'its traceback)')
+    parser.add_argument('--config', required=True, help='YAML experiment config')
+    parser.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE',
+                        help='override config keys (values in YAML syntax)')
+    return parser
+
+
+def run_with_config(prog, args, body):
+    """body(args, cfg) with the config of `args` (--config, --set): a user error, the config's
+    included, is one line ``PROG: error: ...`` on stderr and exit code 2."""
+    with user_errors(prog):
+        body(args, load_config(args.config, args.set))

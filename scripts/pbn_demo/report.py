@@ -1,6 +1,8 @@
 """The demo's table and plot."""
 import numpy as np
 
+from pbn_gluon.plots import plot_curves
+
 
 def summarize(records, norms, ipds):
     rows = []
@@ -37,30 +39,16 @@ def print_table(rows):
             blocking, runs))
 
 
+def _wall_time_curve(runs):
+    """Training wall time (mean over the runs) and val mIoU at each checkpoint of the runs."""
+    n = min(len(r['curve']) for r in runs)
+    t = np.mean([[p['train_s'] for p in r['curve'][:n]] for r in runs], axis=0)
+    return t, np.array([[p['miou'] for p in r['curve'][:n]] for r in runs])
+
+
 def plot(records, norms, ipds, path):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    colors = {'bn': 'tab:red', 'syncbn': 'tab:blue', 'pbn': 'tab:green', 'pbn+': 'tab:olive',
-              'gn': 'tab:gray'}
-    fig, axes = plt.subplots(1, len(ipds), figsize=(5.5 * len(ipds), 4.2), squeeze=False)
-    for ax, ipd in zip(axes[0], ipds):
-        for norm in norms:
-            rs = [r for r in records if r['norm'] == norm and r['images_per_device'] == ipd
-                  and r['status'] == 'ok']
-            if not rs:
-                continue
-            n = min(len(r['curve']) for r in rs)
-            t = np.mean([[p['train_s'] for p in r['curve'][:n]] for r in rs], axis=0)
-            m = np.array([[p['miou'] for p in r['curve'][:n]] for r in rs])
-            ax.errorbar(t, m.mean(0), yerr=m.std(0), marker='o', capsize=3,
-                        color=colors.get(norm), label=norm)
-        ax.set_title('%d image(s) per device x %d devices' % (ipd, rs[0]['contexts'] if rs
-                                                             else 0))
-        ax.set_xlabel('training wall time [s] (eval excluded)')
-        ax.set_ylabel('val mIoU (inference, running stats)')
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plot_curves(records, norms, ipds, path, _wall_time_curve,
+                title=lambda ipd, runs: '%d image(s) per device x %d devices' % (
+                    ipd, runs[0]['contexts'] if runs else 0),
+                xlabel='training wall time [s] (eval excluded)',
+                ylabel='val mIoU (inference, running stats)')

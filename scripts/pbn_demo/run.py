@@ -27,59 +27,70 @@ def evaluate(net, val, ctx, batch=100):
     return float(pix_acc), float(miou)
 
 
-def run_one(cfg):
-    """Train one (norm, images_per_device, seed); returns a result record."""
-    import pbn_gluon
-    import mxnet as mx
-    from mxnet import gluon
+def _job(cfg):
+    """This process's part of the run (pbn_gluon.jobs.Job): every context of the local backend,
+    or one device of a Horovod job of cfg['contexts'] processes."""
+    from pbn_gluon.jobs import Job
+    job = Job(cfg['backend'], devices=1 if cfg['backend'] == 'horovod' else cfg['contexts'])
+    if job.size != cfg['contexts']:
+        raise RuntimeError('run with %d Horovod processes, got %d' % (cfg['contexts'], job.size))
+    return job
 
-    norm, ipd, seed, steps = cfg['norm'], cfg['images_per_device'], cfg['seed'], cfg['steps']
-    if cfg['backend'] == 'horovod':     # one device per process, this process's slice
-        import horovod.mxnet as hvd
-        hvd.init()
-        if hvd.size() != cfg['contexts']:
-            raise RuntimeError('run with %d Horovod processes, got %d'
-                               % (cfg['contexts'], hvd.size()))
-        rank, ctxs = hvd.rank(), [mx.cpu()]
-    else:
-        rank, ctxs = 0, [mx.cpu(i) for i in range(cfg['contexts'])]
-    devices = range(rank, rank + len(ctxs))
-    train, val = load_data(cfg['n_train'], cfg['n_val'], cfg['data_seed'])
-    mx.random.seed(seed)
-    np.random.seed(seed)
-    pbn = dict(cfg, **PBN_PLUS) if norm == 'pbn+' else cfg     # the PBN settings of this row
-    net = build_net(norm_factory(norm, steps, ctxs, pbn['pbn_final'],
+
+def _pbn_settings(cfg):
+    """The PBN settings of this row: pbn+ gets the project's extensions (PBN_PLUS)."""
+    return dict(cfg, **PBN_PLUS) if cfg['norm'] == 'pbn+' else cfg
+
+
+def _build(cfg, job, pbn):
+    """The net (from the seed's weights, the same on every process), its trainer, and
+    StatsSync over a CountingComm (exchanges per step: observed) for the synchronized norms."""
+    import mxnet as mx
+    import pbn_gluon
+
+    ctxs = job.contexts
+    net = build_net(norm_factory(cfg['norm'], cfg['steps'], ctxs, pbn['pbn_final'],
                                  pbn.get('pbn_global_momentum', 0.0),
                                  pbn.get('pbn_backward', 'local'),
                                  pbn.get('pbn_group_sizes')), width=cfg['width'])
     net.initialize(mx.init.Xavier(magnitude=2.0), ctx=ctxs)
     net.hybridize(static_alloc=True)
-    sync = None
-    optimizer = {'learning_rate': cfg['lr'], 'momentum': 0.9, 'wd': 1e-4}
-    if cfg['backend'] == 'horovod':
-        hvd.broadcast_parameters(net.collect_params(), root_rank=0)
-        trainer = hvd.DistributedTrainer(net.collect_params(), 'sgd', optimizer)
-        comm = pbn_gluon.HorovodComm(ctxs[0])
-    else:
-        trainer = gluon.Trainer(net.collect_params(), 'sgd', optimizer, kvstore='device')
-        comm = pbn_gluon.LocalComm(ctxs)
-    comm = pbn_gluon.CountingComm(comm)     # exchanges per step: observed
-    if norm in ('syncbn', 'pbn', 'pbn+'):
-        sync = pbn_gluon.StatsSync(net, comm)
+    job.broadcast(net.collect_params())
+    trainer = job.trainer(net.collect_params(),
+                          {'learning_rate': cfg['lr'], 'momentum': 0.9, 'wd': 1e-4})
+    comm = pbn_gluon.CountingComm(job.comm)
+    sync = pbn_gluon.StatsSync(net, comm) if cfg['norm'] in ('syncbn', 'pbn', 'pbn+') else None
+    return net, trainer, comm, sync
+
+
+def _batches(cfg, train):
+    """The global batch (ipd x contexts images) of every step: a permutation of the training
+    set per pass, the same order for every norm of a seed."""
+    batch = cfg['images_per_device'] * cfg['contexts']
+    rng = np.random.RandomState(1000 + cfg['seed'])
+    order, pos = rng.permutation(len(train[0])), 0
+    for _ in range(cfg['steps']):
+        if pos + batch > len(order):
+            order, pos = rng.permutation(len(train[0])), 0
+        yield order[pos:pos + batch]
+        pos += batch
+
+
+def _train(cfg, job, model, train, val, rank):
+    """The training loop; its step times, loss points and val curve (rank 0 evaluates)."""
+    import mxnet as mx
+    from mxnet import gluon
+    import pbn_gluon
+
+    net, trainer, comm, sync = model
+    ipd, steps, ctxs = cfg['images_per_device'], cfg['steps'], job.contexts
+    devices = range(rank, rank + len(ctxs))
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss(axis=1)
     report = print if rank == 0 else (lambda *a, **k: None)
-
-    batch = ipd * cfg['contexts']     # the global batch: every device's slice of it
-    rng = np.random.RandomState(1000 + seed)     # same data order for every norm of a seed
     xs, ys = train
-    order, pos = rng.permutation(len(xs)), 0
     checkpoints = sorted(set(int(round(steps * f)) for f in cfg['checkpoints']) | {steps})
     curve, step_times, train_time, losses = [], [], 0.0, []
-    for t in range(steps):
-        if pos + batch > len(order):
-            order, pos = rng.permutation(len(xs)), 0
-        idx = order[pos:pos + batch]
-        pos += batch
+    for t, idx in enumerate(_batches(cfg, train)):
         trainer.set_learning_rate(cfg['lr'] * (1.0 - t / steps) ** 0.9)
         tic = time.time()
         data = [mx.nd.array(xs[idx[k * ipd:(k + 1) * ipd]], ctx=c) for k, c in zip(devices, ctxs)]
@@ -102,24 +113,42 @@ def run_one(cfg):
                           'pix_acc': pix_acc})
         if (t + 1) % max(1, steps // 20) == 0 or t == steps - 1:
             report('progress %d' % (t + 1), flush=True)
+    return step_times, train_time, losses, curve
+
+
+def _record(cfg, pbn, comm, trained):
+    """The result record of a finished run."""
+    norm, steps = cfg['norm'], cfg['steps']
+    step_times, train_time, losses, curve = trained
     warm = step_times[min(len(step_times) - 1, max(3, steps // 20)):]
-    blocking = round(comm.counts['blocking'] / (steps - 1), 3)
-    non_blocking = comm.counts['non_blocking'] / (steps - 1)
-    if rank != 0:
-        return None
-    return {'norm': norm, 'images_per_device': ipd, 'seed': seed, 'contexts': cfg['contexts'],
-            'backend': cfg['backend'],
+    is_pbn = norm.startswith('pbn')
+    return {'norm': norm, 'images_per_device': cfg['images_per_device'], 'seed': cfg['seed'],
+            'contexts': cfg['contexts'], 'backend': cfg['backend'],
             'steps': steps, 'miou': curve[-1]['miou'], 'pix_acc': curve[-1]['pix_acc'],
             'step_s': float(np.median(warm)), 'train_s': train_time,
-            'blocking_exchanges_per_step': blocking,
-            'non_blocking_exchanges_per_step': non_blocking,
+            'blocking_exchanges_per_step': round(comm.counts['blocking'] / (steps - 1), 3),
+            'non_blocking_exchanges_per_step': comm.counts['non_blocking'] / (steps - 1),
             'final_loss': losses[-1][1], 'curve': curve, 'status': 'ok',
-            'pbn_final_weight': (pbn['pbn_final'] or 1.0 / cfg['contexts'])
-            if norm.startswith('pbn') else None,
-            'pbn_global_momentum': pbn.get('pbn_global_momentum', 0.0)
-            if norm.startswith('pbn') else None,
-            'pbn_backward': pbn.get('pbn_backward', 'local') if norm.startswith('pbn') else None,
-            'pbn_group_sizes': pbn.get('pbn_group_sizes') if norm.startswith('pbn') else None}
+            'pbn_final_weight': (pbn['pbn_final'] or 1.0 / cfg['contexts']) if is_pbn else None,
+            'pbn_global_momentum': pbn.get('pbn_global_momentum', 0.0) if is_pbn else None,
+            'pbn_backward': pbn.get('pbn_backward', 'local') if is_pbn else None,
+            'pbn_group_sizes': pbn.get('pbn_group_sizes') if is_pbn else None}
+
+
+def run_one(cfg):
+    """Train one (norm, images_per_device, seed); returns a result record (None on the
+    processes of a Horovod job other than rank 0)."""
+    import mxnet as mx
+
+    job = _job(cfg)
+    rank = job.rank_offset
+    train, val = load_data(cfg['n_train'], cfg['n_val'], cfg['data_seed'])
+    mx.random.seed(cfg['seed'])
+    np.random.seed(cfg['seed'])
+    pbn = _pbn_settings(cfg)
+    model = _build(cfg, job, pbn)
+    trained = _train(cfg, job, model, train, val, rank)
+    return _record(cfg, pbn, model[2], trained) if rank == 0 else None
 
 
 def worker_main(cfgs_json):
@@ -172,14 +201,18 @@ def launch(cfgs, timeout, bar, on_result):
             return
         current, done = state['current'], state['done']
         failed = current if current is not None else pending[0]
-        if result.status == 'stalled':
-            message = 'stalled: no progress for %.0f s (at step %d of %d); killed' % (
-                timeout, done, failed['steps'])
-        else:
-            tail = [l for l in result.output.strip().splitlines()
-                    if not l.startswith(('start ', 'progress ', 'result '))][-5:]
-            message = 'exit code %s: %s' % (result.returncode, ' | '.join(tail).replace(
-                sys.prefix, '<venv>').replace(os.getcwd(), '.'))    # no paths of this machine
         bar.update(failed['steps'] - done if current is not None else failed['steps'])
-        on_result(failed, None, message)
+        on_result(failed, None, _failure(result, timeout, done, failed['steps']))
         pending.remove(failed)
+
+
+def _failure(result, timeout, done, steps):
+    """Why a worker ended before its runs did: a stall, or its exit code and last lines (no
+    paths of this machine in them)."""
+    if result.status == 'stalled':
+        return 'stalled: no progress for %.0f s (at step %d of %d); killed' % (
+            timeout, done, steps)
+    tail = [l for l in result.output.strip().splitlines()
+            if not l.startswith(('start ', 'progress ', 'result '))][-5:]
+    return 'exit code %s: %s' % (result.returncode, ' | '.join(tail).replace(
+        sys.prefix, '<venv>').replace(os.getcwd(), '.'))
