@@ -17,8 +17,8 @@ comes and goes on a shared machine lands on every norm alike.
 
 Reported per norm and configuration: the median step time (seconds, each step ends with
 waitall, over the rounds of all repeats), its ratio to BatchNorm as the median of the per-round
-ratios (the same round's BatchNorm step) with a bootstrap 90% interval, and the exchanges per
-step counted by pbn_gluon.CountingComm over the timed steps. A ratio whose interval holds 1 is
+ratios (the same round's BatchNorm step) with a 90% interval (bootstrap over repeats, then
+rounds), and the exchanges per step counted by pbn_gluon.CountingComm over the timed steps. A ratio whose interval holds 1 is
 flagged: the run cannot tell that norm from BatchNorm.
 """
 import argparse
@@ -316,23 +316,30 @@ def run_config(args, backend, norms, devices):
 
 
 def ratio_interval(rounds, base, draws=2000, seed=0):
-    """Median of the per-round ratios rounds[i] / base[i], and its bootstrap 90% interval."""
+    """Median of the per-round ratios rounds[j][i] / base[j][i] over the rounds i of every
+    repeat j, and its 90% interval by a two-level bootstrap: repeats drawn with replacement,
+    then rounds within each. A repeat is a job of its own (processes, memory placement), and
+    its ratios move together: drawing rounds alone would give an interval that the next
+    `make bench` misses."""
     import numpy as np
-    ratios = np.asarray(rounds) / np.asarray(base)
+    ratios = [np.asarray(r) / np.asarray(b) for r, b in zip(rounds, base)]
     rng = np.random.RandomState(seed)
-    medians = np.median(rng.choice(ratios, (draws, len(ratios))), axis=1)
-    return float(np.median(ratios)), [float(np.percentile(medians, 5)),
-                                      float(np.percentile(medians, 95))]
+    medians = []
+    for _ in range(draws):
+        picked = [ratios[j] for j in rng.randint(len(ratios), size=len(ratios))]
+        medians.append(np.median(np.concatenate([rng.choice(r, len(r)) for r in picked])))
+    return float(np.median(np.concatenate(ratios))), [float(np.percentile(medians, 5)),
+                                                      float(np.percentile(medians, 95))]
 
 
 def add_ratios(records):
     """Ratio to BatchNorm of the same configuration, round by round (interleaved)."""
-    base = {(r['backend'], r['devices']): r.get('step_s_rounds') for r in records
+    base = {(r['backend'], r['devices']): r.get('step_s_rounds_by_run') for r in records
             if r['norm'] == 'bn' and r['step_s']}
     for r in records:
         b = base.get((r['backend'], r['devices']))
         if r['step_s'] and b:
-            r['ratio_to_bn'], r['ratio_90'] = ratio_interval(r['step_s_rounds'], b)
+            r['ratio_to_bn'], r['ratio_90'] = ratio_interval(r['step_s_rounds_by_run'], b)
         else:
             r['ratio_to_bn'], r['ratio_90'] = None, None
     return records
@@ -373,6 +380,7 @@ def merge_repeats(runs):
     record['step_s_runs'] = [r['step_s'] for r in ok]
     record['repeats'] = len(runs)
     if ok:
+        record['step_s_rounds_by_run'] = [r['step_s_rounds'] for r in ok]
         record['step_s_rounds'] = [t for r in ok for t in r['step_s_rounds']]
         record['step_s'] = statistics.median(record['step_s_rounds'])
         if len(ok) < len(runs):

@@ -38,6 +38,8 @@ DEVICES = 8
 DATA = {'root': 'data/study_digits', 'num_train': 320, 'num_val': 60, 'size': '64x64',
         'seed': 0}
 FULL = {'norms': ['bn', 'syncbn', 'pbn', 'pbn+'], 'ipds': [1, 2], 'seeds': [0, 1]}
+#: SyncBN's gain over BN (mIoU) below which the table gives no gain shares
+MIN_SYNC_GAIN = 0.02
 QUICK = {'norms': ['bn', 'pbn+', 'syncbn'], 'ipds': [1], 'seeds': [0]}
 
 
@@ -319,7 +321,9 @@ def run_one(run, bar, args, commit):
 # ---------------------------------------------------------------------------------- report
 
 def summarize(records, norms, ipds):
-    """Rows (norm, backend, ipd, mean, spread, gain share, step_s, ratio to bn, runs)."""
+    """Rows (norm, backend, ipd, mean, spread, gain share, step_s, ratio to bn, runs). The
+    gain share, (mIoU - BN) / (SyncBN - BN), is NaN (n/a) where SyncBN's mean gain over BN is
+    below MIN_SYNC_GAIN: a share of a gain within the seed spread says nothing."""
     rows = []
     for ipd in ipds:
         ok = [r for r in records if r['images_per_device'] == ipd and r['status'] == 'ok']
@@ -334,7 +338,8 @@ def summarize(records, norms, ipds):
                 continue
             miou = np.array([r['miou'] for r in rs])
             step = float(np.median([r['step_s'] for r in rs]))
-            gain = (miou.mean() - bn) / (sync - bn) if sync != bn else float('nan')
+            gain = ((miou.mean() - bn) / (sync - bn) if sync - bn >= MIN_SYNC_GAIN
+                    else float('nan'))
             rows.append((norm, rs[0]['backend'], ipd, float(miou.mean()), float(miou.std()),
                          float(gain), step, step / bn_step, len(rs)))
     return rows
@@ -391,6 +396,15 @@ def report(records, args, commit, wall_s):
     return table
 
 
+def previous_wall(out):
+    """The wall time recorded by the study that trained the runs (--report keeps it)."""
+    try:
+        with open(os.path.join(out, 'study.json')) as f:
+            return json.load(f).get('wall_s')
+    except (OSError, ValueError):
+        return None
+
+
 def ensure_data():
     root = os.path.join(ROOT, DATA['root'])
     if os.path.isdir(root):
@@ -422,7 +436,8 @@ def main(argv=None):
             with bar:
                 for run in runs:
                     records.append(run_one(run, bar, args, commit))
-        table = report(records, args, commit, round(time.time() - tic, 1))
+        wall = previous_wall(args.out) if args.report else round(time.time() - tic, 1)
+        table = report(records, args, commit, wall)
     except (MixedCommits, RuntimeError) as err:
         sys.exit('%s: %s' % (os.path.basename(sys.argv[0]), err))
     print(table)

@@ -55,10 +55,25 @@ def test_bench_ratio_interval_is_paired_by_round():
     sys.path.insert(0, os.path.join(ROOT, 'scripts'))
     from bench_norm import ratio_interval
     base = [1.0, 1.0, 5.0, 1.0, 1.0]          # round 3 ran on a loaded machine
-    ratio, (low, high) = ratio_interval([2.0, 2.0, 10.0, 2.0, 2.0], base)
+    ratio, (low, high) = ratio_interval([[2.0, 2.0, 10.0, 2.0, 2.0]], [base])
     assert ratio == low == high == 2.0
-    ratio, (low, high) = ratio_interval([1.0, 3.0, 5.0, 2.0, 1.5], base)
+    ratio, (low, high) = ratio_interval([[1.0, 3.0, 5.0, 2.0, 1.5]], [base])
     assert ratio == 1.5 and low < 1.5 < high
+
+
+def test_bench_ratio_interval_spans_the_repeats():
+    """Three repeats whose rounds agree within each repeat but not across them (another job,
+    another memory placement): the interval covers the repeats' ratios, where a bootstrap of
+    the pooled rounds would be about as narrow as one repeat."""
+    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+    from bench_norm import ratio_interval
+    base = [[1.0] * 20] * 3
+    rounds = [[0.64 + 0.001 * (i % 3) for i in range(20)],
+              [0.70 + 0.001 * (i % 3) for i in range(20)],
+              [0.77 + 0.001 * (i % 3) for i in range(20)]]
+    ratio, (low, high) = ratio_interval(rounds, base)
+    assert 0.70 <= ratio <= 0.71
+    assert low <= 0.642 and high >= 0.77
 
 
 @pytest.mark.timeout(600)

@@ -86,6 +86,18 @@ def test_table_gain_share_and_step_ratio():
     assert rows['syncbn'][7] == pytest.approx(3.0) and rows['pbn+'][7] == pytest.approx(1.1)
 
 
+
+def test_no_gain_share_where_syncbn_does_not_beat_bn():
+    """SyncBN 0.01 above BN (under MIN_SYNC_GAIN): shares of that gain are n/a, not +-1000%."""
+    study = load_study()
+    records = [{'norm': n, 'images_per_device': 2, 'seed': 0, 'status': 'ok', 'miou': m,
+                'step_s': 1.0, 'backend': 'local', 'commit': 'x'}
+               for n, m in [('bn', 0.37), ('syncbn', 0.38), ('pbn+', 0.40)]]
+    rows = study.summarize(records, ['bn', 'syncbn', 'pbn+'], [2])
+    assert all(np.isnan(r[5]) for r in rows)
+    table = study.format_table(rows)
+    assert table.count('n/a') == 3 and '%' not in table
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_study_config_learns_on_two_devices_and_evaluates_officially(tmp_path):
