@@ -42,6 +42,9 @@ class StateParameter(Parameter):
     the state a graph reads and writes, one array per device, is reached only through
     ``data(ctx)``, by the layer's graph, and through the buffers StatsSync binds."""
 
+    #: skipped by comm.broadcast_parameters: StatsSync's, never the root's to hand out
+    exchange_state = True
+
     def __init__(self, name, owner, per_channel, **kwargs):
         super().__init__(name, **kwargs)
         self._owner, self._per_channel = owner, per_channel

@@ -12,13 +12,14 @@ inside an engine operator.
 import atexit
 import collections
 import threading
+import types
 
 import mxnet as mx
 import numpy as np
 from mxnet import ndarray as nd
 
 __all__ = ['Comm', 'LocalComm', 'KVStoreComm', 'HorovodComm', 'CountingComm',
-           'BLOCKING_TAG_PREFIX']
+           'BLOCKING_TAG_PREFIX', 'broadcast_parameters']
 
 #: the tags of SyncBatchNorm's exchanges, the blocking ones (pbn_gluon.rendezvous.exchange_tag)
 BLOCKING_TAG_PREFIX = 'pbn_gluon.syncbn.'
@@ -193,3 +194,57 @@ class CountingComm:
 
     def __repr__(self):
         return 'CountingComm(%r)' % (self.inner,)
+
+
+def broadcast_parameters(params, comm, tag='pbn_gluon.broadcast'):
+    """Give every device of `comm`'s job the values of rank 0's parameters (those on the first
+    context of rank 0), before the first step computes a gradient from them.
+
+    A gluon Trainer on a dist kvstore copies the root's weights only at its first step, after
+    the first backward: processes that drew different initial weights (MXNet's seeded
+    generators depend on its resource settings) would mix gradients of different nets in that
+    step. Here: one allreduce per dtype of the parameters laid end to end, zeros except on
+    rank 0 (x + 0 = x exactly). A parameter whose initialization is deferred is broadcast
+    when it is initialized, in the first forward pass (the same on every process). The norm
+    layers' exchange state (``exchange_state`` parameters) is StatsSync's and is left alone.
+
+    params: a ParameterDict or dict of Parameters (``net.collect_params()``)."""
+    ready = []
+    for name, param in sorted(params.items()):
+        if getattr(param, 'exchange_state', False):
+            continue
+        if param._deferred_init:
+            _broadcast_when_initialized(param, comm, tag)
+        elif param._data is not None:
+            ready.append(param)
+    _broadcast_now(ready, comm, tag)
+
+
+def _broadcast_now(params, comm, tag):
+    by_dtype = collections.defaultdict(list)
+    for param in params:
+        by_dtype[np.dtype(param.dtype).name].append(param)
+    for dtype, group in sorted(by_dtype.items()):
+        flats = []
+        for i, (ctx, rank) in enumerate(zip(comm.contexts, comm.ranks)):
+            if rank == 0:
+                flats.append(nd.concat(*[p.data(ctx).reshape((-1,)) for p in group], dim=0))
+            else:   # zeros, not x * 0: NaN * 0 is NaN
+                flats.append(nd.zeros(sum(p.data(ctx).size for p in group), ctx=ctx,
+                                      dtype=dtype))
+        comm.allreduce_(flats, '%s.%s' % (tag, dtype))
+        for ctx, flat in zip(comm.contexts, flats):
+            start = 0
+            for param in group:
+                array = param.data(ctx)
+                array[:] = flat[start:start + array.size].reshape(array.shape)
+                start += array.size
+
+
+def _broadcast_when_initialized(param, comm, tag):
+    init_impl = param._init_impl
+
+    def init_and_broadcast(self, *args, **kwargs):
+        init_impl(*args, **kwargs)
+        _broadcast_now([self], comm, tag)
+    param._init_impl = types.MethodType(init_and_broadcast, param)

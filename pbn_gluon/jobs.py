@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 
-from .comm import HorovodComm, KVStoreComm, LocalComm
+from .comm import HorovodComm, KVStoreComm, LocalComm, broadcast_parameters
 from .errors import ConfigError
 from .rendezvous import cpu_resource_env
 
@@ -179,10 +179,15 @@ class Job:
         return images_per_device * self.size
 
     def broadcast(self, params, prefix=None):
-        """Make every process start from the root's parameters (the kvstore trainer already
-        does when it initializes its keys)."""
+        """Make every device start from the root's parameters, before the first step
+        (Horovod's broadcast_parameters; KVStore: comm.broadcast_parameters, since the
+        dist_sync Trainer copies them only at its first step, after the first backward).
+        Parameters with deferred initialization follow when they are initialized. prefix:
+        Horovod's tensor names, distinct for each net of a process that trains several."""
         if self._hvd is not None:
             self._hvd.broadcast_parameters(params, root_rank=0, prefix=prefix)
+        elif self._kvstore is not None:
+            broadcast_parameters(params, self.comm)
 
     def shutdown(self):
         """End Horovod in this process (nothing to do for the other backends)."""

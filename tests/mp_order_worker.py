@@ -1,13 +1,15 @@
 """One process of the call-order test: PBN (first layer, on this rank's slice of a fixed batch)
 + conv + dense, trained 4 steps by a Trainer that shares the job's engine, with ``sync.step()``
-before or after ``trainer.step()``.
+before or after ``trainer.step()``. Each process draws its own initial weights (seed 3 + rank);
+``job.broadcast`` must make them the root's before the first gradient.
 
     horovodrun -np 2 -H localhost:2 --gloo python tests/mp_order_worker.py --backend horovod ...
     python -m pbn_gluon.launch -n 2 -- python tests/mp_order_worker.py --backend kvstore ...
 
 Horovod: DistributedTrainer and broadcast_parameters(net.collect_params()); KVStore dist_sync:
 gluon.Trainer on the same kvstore with update_on_kvstore=False (pbn_gluon.jobs.Job). Writes OUT/rank{r}.npz: the
-layer's group sums after the first step and every trainable parameter at the end."""
+conv weight drawn, every trainable parameter in the first forward, the layer's group sums
+after the first step and every trainable parameter at the end."""
 import argparse
 import os
 
@@ -25,25 +27,27 @@ parser.add_argument('--order', choices=['trainer-first', 'sync-first'], required
 parser.add_argument('--out', required=True)
 args = parser.parse_args()
 
+job = Job(args.backend)      # one CPU device per process
+rank, size = job.rank_offset, job.size
 net = gluon.nn.HybridSequential()
 net.add(pbn_gluon.ProgressiveBatchNorm(in_channels=3, local_weight=0.25, global_momentum=0.8,
                                        backward='progressive'),
-        gluon.nn.Conv2D(4, 3, in_channels=3), gluon.nn.Flatten(), gluon.nn.Dense(2, in_units=48))
-mx.random.seed(3)
+        gluon.nn.Conv2D(4, 3, in_channels=3), gluon.nn.Flatten(), gluon.nn.Dense(2))
+mx.random.seed(3 + rank)    # each process its own weights (the Dense layer's: deferred)
 net.initialize(mx.init.Xavier(), ctx=mx.cpu())
 net.hybridize(static_alloc=True)
-job = Job(args.backend)      # one CPU device per process
+records = {'drawn': net[1].weight.data().asnumpy()}
 job.broadcast(net.collect_params())
 trainer = job.trainer(net.collect_params(), {'learning_rate': 0.1, 'momentum': 0.9})
-comm = job.comm
-sync = pbn_gluon.StatsSync(net, comm)
-rank, size = comm.rank_offset, comm.size
-records = {}
+sync = pbn_gluon.StatsSync(net, job.comm)
 for step in range(4):
     x, sizes = make_batch(step, size)
     start = sum(sizes[:rank])
     with autograd.record():
         loss = (net(nd.array(x[start:start + sizes[rank]])) ** 2).sum()
+    if step == 0:   # the first forward: every weight is the root's, the deferred one too
+        records.update(('start%d' % i, p.data().asnumpy()) for i, p in enumerate(
+            v for v in net.collect_params().values() if v.grad_req != 'null'))
     loss.backward()
     if args.order == 'trainer-first':
         trainer.step(sum(sizes))

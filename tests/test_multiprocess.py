@@ -133,10 +133,11 @@ def test_processes_with_different_nets_fail_clearly(tmp_path):
 
 @pytest.mark.parametrize('backend', ['horovod', 'kvstore'])
 def test_trainer_and_sync_order_across_processes(backend, tmp_path):
-    """2 processes, PBN with both extensions as the first layer: Horovod's DistributedTrainer
-    after broadcast_parameters(net.collect_params()), and a Trainer on the dist_sync kvstore
-    (update_on_kvstore=False). trainer.step() before or after sync.step(): the first group
-    sums are numpy's over the whole batch, and the weights after 4 steps agree."""
+    """2 processes, PBN with both extensions as the first layer: Horovod's DistributedTrainer,
+    and a Trainer on the dist_sync kvstore (update_on_kvstore=False), after job.broadcast. Each
+    process draws other weights: in the first forward every weight is rank 0's (a deferred one
+    too). trainer.step() before or after sync.step(): the first group sums are numpy's over
+    the whole batch, and the weights after 4 steps agree."""
     results = {}
     for order in ('trainer-first', 'sync-first'):
         out = tmp_path / order
@@ -149,6 +150,13 @@ def test_trainer_and_sync_order_across_processes(backend, tmp_path):
                              timeout=240)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         results[order] = load(out)
+    for order, (root, other) in results.items():
+        assert not np.allclose(root['drawn'], other['drawn'])    # the test can fail
+        starts = [k for k in root.files if k.startswith('start')]
+        assert len(starts) == 6
+        for name in starts:
+            np.testing.assert_array_equal(other[name], root[name], err_msg=order + ' ' + name)
+        np.testing.assert_array_equal(root['start2'], root['drawn'])
     x, _ = make_batch(0, 2)
     n, m, q = reference.channel_moments(x)
     want = [n * m, n * q, np.full(3, n)]
@@ -161,3 +169,41 @@ def test_trainer_and_sync_order_across_processes(backend, tmp_path):
     for name in names:
         np.testing.assert_allclose(first[name], second[name], rtol=1e-5, atol=1e-6,
                                    err_msg=name)
+
+
+def test_broadcast_parameters_gives_every_device_the_roots_values():
+    """comm.broadcast_parameters over 3 contexts of this process, each holding other values
+    (a NaN on a non-root device among them): every device ends with device 0's numbers, of
+    both dtypes; a deferred parameter gets them when it is initialized; the exchange state
+    of a norm layer is left alone."""
+    ctxs = [mx.cpu(i) for i in range(3)]
+    net = mx.gluon.nn.HybridSequential()
+    net.add(mx.gluon.nn.Dense(4, in_units=3), pbn_gluon.ProgressiveBatchNorm(in_channels=4),
+            mx.gluon.nn.Dense(2))
+    net.initialize(ctx=ctxs)
+    params = dict(net.collect_params().items())
+    params['extra'] = mx.gluon.Parameter('extra', shape=(5,), dtype='float64')
+    params['extra'].initialize(ctx=ctxs)
+    rng = np.random.RandomState(0)
+    for p in list(net[0].collect_params().values()) + [net[1].gamma, net[1].running_var,
+                                                        params['extra']]:
+        for i, c in enumerate(ctxs):
+            value = rng.normal(size=p.shape)
+            if i == 2:
+                value.flat[0] = np.nan
+            p.data(c)[:] = nd.array(value, ctx=c, dtype=p.dtype)
+    root = {p.name: p.data(ctxs[0]).asnumpy() for p in params.values()
+            if p._data is not None and not getattr(p, 'exchange_state', False)}
+    state = net[1].global_sums
+    state.data(ctxs[1])[:] = 7
+    comm = pbn_gluon.CountingComm(pbn_gluon.LocalComm(ctxs))
+    pbn_gluon.comm.broadcast_parameters(params, comm)
+    assert comm.counts['non_blocking'] == 2         # float32 and float64: one exchange each
+    for p in params.values():
+        if p.name in root:
+            for c in ctxs:
+                np.testing.assert_array_equal(p.data(c).asnumpy(), root[p.name], err_msg=p.name)
+    assert (state.data(ctxs[1]).asnumpy() == 7).all()
+    assert net[2].weight._deferred_init       # its values across processes: the order test
+    net(nd.ones((2, 3), ctx=ctxs[0]))
+    assert comm.counts['non_blocking'] == 3
