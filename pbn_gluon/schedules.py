@@ -11,7 +11,7 @@ with ramp(u) = u (Linear) or (1 - cos(pi u)) / 2 (Cosine).
 """
 import math
 
-__all__ = ['Schedule', 'Constant', 'Linear', 'Cosine', 'Piecewise',
+__all__ = ['Schedule', 'Constant', 'Linear', 'Cosine', 'Piecewise', 'RAMPS',
            'local_weight_schedule', 'group_size_schedule']
 
 
@@ -100,26 +100,28 @@ class Piecewise(Schedule):
         return 'Piecewise(%r)' % (dict(self.milestones),)
 
 
-_NAMED = {'linear': Linear, 'cosine': Cosine}
+#: the local-weight ramps by name (layer arguments and config files)
+RAMPS = {'linear': Linear, 'cosine': Cosine}
 
 
-def local_weight_schedule(spec):
-    """A float in [0, 1], 'linear', 'cosine', a Schedule, or None (the default Linear())."""
+def local_weight_schedule(spec, **ramp_args):
+    """A float in [0, 1], a ramp's name ('linear', 'cosine'; made with `ramp_args`: start,
+    steps, final), a Schedule, or None (the default Linear())."""
     if spec is None:
-        return Linear()
+        return Linear(**ramp_args)
     if isinstance(spec, Schedule):
         return spec
     if isinstance(spec, str):
-        if spec not in _NAMED:
+        if spec not in RAMPS:
             raise ValueError("unknown local_weight schedule %r: use a float in [0, 1], one of %s, "
-                             "or a pbn_gluon.schedules.Schedule" % (spec, sorted(_NAMED)))
-        return _NAMED[spec]()
+                             "or a pbn_gluon.schedules.Schedule" % (spec, sorted(RAMPS)))
+        return RAMPS[spec](**ramp_args)
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
         if not 0.0 <= spec <= 1.0:
             raise ValueError('local_weight must lie in [0, 1], got %r' % (spec,))
         return Constant(float(spec))
     raise ValueError('local_weight must be a float, %s or a Schedule, got %r'
-                     % (' or '.join(repr(k) for k in sorted(_NAMED)), spec))
+                     % (' or '.join(repr(k) for k in sorted(RAMPS)), spec))
 
 
 def group_size_schedule(spec):

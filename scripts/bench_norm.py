@@ -31,6 +31,7 @@ import time
 
 from pbn_gluon import jobs
 from pbn_gluon.errors import ArgumentParser, positive_int, user_errors
+from pbn_gluon.files import portable, write_json
 
 NORMS = ('bn', 'pbn', 'syncbn')
 BACKENDS = jobs.BACKENDS
@@ -127,13 +128,6 @@ def build_net(norm_layer, args):
         net.add(nn.GlobalAvgPool2D(), nn.Flatten())
         net.add(nn.Dense(args.classes, in_units=args.channels))
     return net
-
-
-def write_json(path, obj):
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
 
 
 def _job(args):
@@ -305,7 +299,7 @@ def run_config(args, backend, norms, devices):
         return records
     tail = run.output.strip().splitlines()[-15:]
     # the results file is shared: no paths of this machine in it
-    error = '\n'.join(tail).replace(sys.prefix, '<venv>').replace(os.getcwd(), '.')
+    error = portable('\n'.join(tail))
     for record in records:
         record.update(status=status if status != 'ok' else 'failed (no result)', step_s=None,
                       error=error)

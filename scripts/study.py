@@ -172,11 +172,9 @@ class Run:
         return None
 
     def save_state(self, state):
+        from pbn_gluon.files import write_json
         os.makedirs(self.dir, exist_ok=True)
-        tmp = self.state_path() + '.tmp'
-        with open(tmp, 'w') as f:
-            json.dump(state, f, indent=1)
-        os.replace(tmp, self.state_path())
+        write_json(self.state_path(), state)
 
 
 def environment(run):
@@ -389,8 +387,8 @@ def report(records, args, commit, wall_s):
                                  'miou_std', 'gain_share', 'step_s', 'step_vs_bn', 'runs'), row))
                        for row in rows],
              'runs': records}
-    with open(os.path.join(args.out, 'study.json'), 'w') as f:
-        json.dump(study, f, indent=1)
+    from pbn_gluon.files import write_json
+    write_json(os.path.join(args.out, 'study.json'), study)
     if finished:
         plot(finished, args.norms, args.ipds, os.path.join(args.out, 'study.png'))
     return table

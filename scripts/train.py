@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import pbn_gluon
 from pbn_gluon.errors import ConfigError, UserError
+from pbn_gluon.files import write_text
 from pbn_gluon.jobs import Job
 from pbn_gluon.segmentation import (CityscapesSegmentation, checkpoint, epoch_batches,
                                     input_transform, model_from_config)
@@ -84,10 +85,7 @@ def cut_metrics(path, iteration):
                 continue
             if isinstance(record, dict) and record.get('iter', 0) <= iteration:
                 keep.append(line.rstrip('\n') + '\n')
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
+    write_text(path, ''.join(keep))
 
 
 class MetricsLog:

@@ -278,15 +278,10 @@ def worker(name, variants, out_path):
             emit(dict({'variant': v, 'status': 'ok', 'seconds': round(time.time() - t0, 1)},
                       **info))
         except Exception as err:        # noqa: BLE001 - a row of the table
+            from pbn_gluon.files import portable
             emit({'variant': v, 'status': 'fail', 'reason': _reason(err),
                   'seconds': round(time.time() - t0, 1),
-                  'traceback': _scrub(traceback.format_exc()[-2000:])})
-
-
-def _scrub(text):
-    """The results file is shared: no paths of this machine in it."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return text.replace(sys.prefix, '<venv>').replace(root, '.')
+                  'traceback': portable(traceback.format_exc()[-2000:])})
 
 
 # -- the sweep (the parent) -----------------------------------------------------------------
@@ -553,11 +548,9 @@ def sweep(args, md):
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
 
     def save():
-        tmp = args.json + '.tmp'
-        with open(tmp, 'w') as f:
-            json.dump({'contexts': NUM_CONTEXTS, 'models_listed': listed, 'models': results},
-                      f, indent=1, sort_keys=True)
-        os.replace(tmp, args.json)
+        from pbn_gluon.files import write_json
+        write_json(args.json, {'contexts': NUM_CONTEXTS, 'models_listed': listed,
+                               'models': results}, sort_keys=True)
         write_markdown(results, md, pending=[m for m in (listed or models) if m not in results])
     save()
     bar = tqdm(todo, unit='model')

@@ -1,5 +1,9 @@
 """Checkpoints: a PBN checkpoint is a BatchNorm checkpoint and back (strict); convert_norm
 keeps pretrained weights; StatsSync state makes a resumed run continue exactly."""
+import json
+import os
+import sys
+
 import mxnet as mx
 import numpy as np
 import pytest
@@ -98,3 +102,23 @@ def test_resumed_run_continues_exactly(tmp_path):
     resumed = run(net, sync, data[2:])
     for a, b in zip(straight, resumed):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_result_files_are_written_whole_and_without_machine_paths(tmp_path):
+    """pbn_gluon.files: a value JSON cannot encode leaves the old file; a rename that fails
+    leaves no temporary file; portable() turns the venv and the repository into placeholders."""
+    from pbn_gluon import files
+    path = str(tmp_path / 'state.json')
+    files.write_json(path, {'step': 1})
+    with pytest.raises(TypeError):
+        files.write_json(path, {'step': object()}, sync=True)
+    with open(path) as f:
+        assert json.load(f) == {'step': 1}
+    blocked = tmp_path / 'taken'
+    (blocked / 'inside').mkdir(parents=True)      # a directory where the file should go
+    with pytest.raises(OSError):
+        files.write_text(str(blocked), 'x', sync=True)
+    assert sorted(os.listdir(str(tmp_path))) == ['state.json', 'taken']
+    text = files.portable('File "%s/lib/x.py", in %s/pbn_gluon/ops.py'
+                          % (sys.prefix, files.REPOSITORY))
+    assert text == 'File "<venv>/lib/x.py", in ./pbn_gluon/ops.py'

@@ -23,6 +23,7 @@ import numpy as np
 from mxnet import nd
 
 from ..errors import CheckpointError, one_line
+from ..files import write_json
 
 __all__ = ['save', 'load', 'latest', 'model_params', 'gather_sync_state', 'restore_sync_state',
            'read_meta', 'check_layout', 'load_params', 'LAYOUT_KEYS', 'CheckpointError']
@@ -32,21 +33,6 @@ LAYOUT_KEYS = ('model', 'backbone', 'norm', 'backend', 'devices')
 
 POINTER = 'checkpoint.json'
 GATHER_TAG = 'pbn_gluon.segmentation.checkpoint'
-
-
-def write_json(path, obj):
-    """Atomically replace `path` by the JSON of `obj` (nothing left behind when it fails)."""
-    tmp = path + '.tmp'
-    try:
-        with open(tmp, 'w') as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def reason(err):
@@ -148,13 +134,13 @@ def save(run_dir, epoch, iteration, net, trainer, sync_state=None, layout=None, 
             with open(current, 'wb') as f:
                 np.savez(f, step=step, stats_size=stats_size, rows=rows)
         current = os.path.join(tmp, 'meta.json')
-        write_json(current, meta)
+        write_json(current, meta, sync=True)
         current = final
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
         current = os.path.join(run_dir, POINTER)
         write_json(current, {'epoch': epoch, 'iteration': iteration,
-                             'path': os.path.join('checkpoints', name)})
+                             'path': os.path.join('checkpoints', name)}, sync=True)
     except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if current == os.path.join(run_dir, POINTER):

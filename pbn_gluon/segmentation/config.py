@@ -5,6 +5,7 @@ import types
 
 import yaml
 
+from .. import schedules
 from ..errors import ArgumentParser, ConfigError, one_line, user_errors
 from .models import MODELS
 
@@ -137,13 +138,13 @@ _bool.allowed = 'true or false'
 
 
 def _local_weight(value):
-    if value in ('linear', 'cosine'):
+    if value in schedules.RAMPS:
         return value
     number = _number(value) if not isinstance(value, str) else None
     return number if number is not None and 0 < number <= 1 else _BAD
 
 
-_local_weight.allowed = 'linear, cosine or a number in (0, 1]'
+_local_weight.allowed = '%s or a number in (0, 1]' % ', '.join(schedules.RAMPS)
 
 
 def _group_size(value):

@@ -54,11 +54,7 @@ def pbn_local_weight(schedule='linear', start=0, steps=1000, final=None):
     """The PBN local-weight schedule from config values: 'linear' or 'cosine' ramps from 1 to
     `final` (default 1/G) over `steps` steps after `start`, or a constant float."""
     if isinstance(schedule, str):
-        ramps = {'linear': schedules.Linear, 'cosine': schedules.Cosine}
-        if schedule not in ramps:
-            raise ValueError('pbn local weight schedule must be a float or one of %s, got %r'
-                             % (sorted(ramps), schedule))
-        return ramps[schedule](start=start, steps=steps, final=final)
+        return schedules.local_weight_schedule(schedule, start=start, steps=steps, final=final)
     return schedules.local_weight_schedule(schedule)
 
 

@@ -214,5 +214,5 @@ def _failure(result, timeout, done, steps):
             timeout, done, steps)
     tail = [l for l in result.output.strip().splitlines()
             if not l.startswith(('start ', 'progress ', 'result '))][-5:]
-    return 'exit code %s: %s' % (result.returncode, ' | '.join(tail).replace(
-        sys.prefix, '<venv>').replace(os.getcwd(), '.'))
+    from pbn_gluon.files import portable
+    return 'exit code %s: %s' % (result.returncode, portable(' | '.join(tail)))
