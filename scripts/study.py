@@ -69,14 +69,20 @@ def parse_args(argv=None):
     return args
 
 
-def git_commit():
-    """HEAD's hash, with '+dirty' when tracked files differ from it."""
+#: what a study writes in the checkout: no part of the code that makes its runs
+RESULTS = 'docs/results'
+
+
+def git_commit(root=ROOT):
+    """HEAD's hash, with '+dirty' when tracked files outside RESULTS differ from it (the
+    study's own results, e.g. a quick study's table, do not change what the runs ran)."""
     def git(*cmd):
-        return subprocess.run(('git',) + cmd, cwd=ROOT, capture_output=True, text=True,
+        return subprocess.run(('git',) + cmd, cwd=root, capture_output=True, text=True,
                               check=True).stdout.strip()
     try:
         head = git('rev-parse', 'HEAD')
-        dirty = git('status', '--porcelain', '--untracked-files=no')
+        dirty = git('status', '--porcelain', '--untracked-files=no', '--', '.',
+                    ':(exclude)%s' % RESULTS)
     except (OSError, subprocess.CalledProcessError):
         return 'unknown'
     return head + ('+dirty' if dirty else '')

@@ -134,3 +134,26 @@ def test_study_config_learns_on_two_devices_and_evaluates_officially(tmp_path):
     assert metrics['images'] == 4
     assert 0 <= metrics['mIoU_official'] <= 1 and metrics['mIoU'] == metrics['mIoU_official']
     assert os.path.isfile(tmp_path / 'eval' / 'cityscapes_official.json')
+
+
+def test_the_studys_own_results_leave_the_checkout_clean(tmp_path):
+    """make study-quick rewrites docs/results/study/quick, then make study must continue its
+    runs: a changed result file is not '+dirty'; a changed tracked code file is."""
+    study = load_study()
+    repo = tmp_path / 'repo'
+    (repo / 'docs' / 'results').mkdir(parents=True)
+    (repo / 'scripts').mkdir()
+    (repo / 'docs' / 'results' / 'study.json').write_text('{}')
+    (repo / 'scripts' / 'train.py').write_text('x = 1\n')
+    git = lambda *a: subprocess.run(('git', '-c', 'user.name=t', '-c', 'user.email=t@t') + a,
+                                    cwd=str(repo), check=True, capture_output=True)
+    git('init', '-q')
+    git('add', '-A')
+    git('commit', '-qm', 'c')
+    head = study.git_commit(str(repo))
+    assert len(head) == 40
+    (repo / 'docs' / 'results' / 'study.json').write_text('{"wall_s": 1}')
+    (repo / 'notes.txt').write_text('untracked')
+    assert study.git_commit(str(repo)) == head
+    (repo / 'scripts' / 'train.py').write_text('x = 2\n')
+    assert study.git_commit(str(repo)) == head + '+dirty'
