@@ -226,7 +226,7 @@ def _broadcast_now(params, comm, tag):
         by_dtype[np.dtype(param.dtype).name].append(param)
     for dtype, group in sorted(by_dtype.items()):
         flats = []
-        for i, (ctx, rank) in enumerate(zip(comm.contexts, comm.ranks)):
+        for ctx, rank in zip(comm.contexts, comm.ranks):
             if rank == 0:
                 flats.append(nd.concat(*[p.data(ctx).reshape((-1,)) for p in group], dim=0))
             else:   # zeros, not x * 0: NaN * 0 is NaN
