@@ -233,6 +233,11 @@ def _broadcast_now(params, comm, tag):
                 flats.append(nd.zeros(sum(p.data(ctx).size for p in group), ctx=ctx,
                                       dtype=dtype))
         comm.allreduce_(flats, '%s.%s' % (tag, dtype))
+        for flat in flats:
+            # before the next broadcast reuses the key: a dist kvstore does not order a push
+            # after the pull before it, so back-to-back exchanges of one key (deferred
+            # parameters of one shape) could get each other's values
+            flat.wait_to_read()
         for ctx, flat in zip(comm.contexts, flats):
             start = 0
             for param in group:

@@ -171,6 +171,29 @@ def test_trainer_and_sync_order_across_processes(backend, tmp_path):
                                    err_msg=name)
 
 
+@pytest.mark.parametrize('backend', ['horovod', 'kvstore'])
+def test_broadcast_gives_deferred_parameters_the_roots_values(backend, tmp_path):
+    """4 processes, each drawing other weights for six deferred Dense layers of one shape
+    (weights and biases): after Job.broadcast and the first forward, every process holds what
+    rank 0 drew, parameter by parameter. (On a dist kvstore, back-to-back exchanges of one key
+    got each other's values before the broadcast waited for each one.)"""
+    worker = [sys.executable, os.path.join(HERE, 'mp_broadcast_worker.py'), '--backend',
+              backend, '--out', str(tmp_path)]
+    cmd = jobs.horovodrun(4, worker) if backend == 'horovod' else \
+        jobs.kvstore_launch(4, worker, timeout=150)
+    env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    run = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ranks = [np.load(os.path.join(str(tmp_path), 'rank%d.npz' % r)) for r in range(4)]
+    drawn = [k for k in ranks[0].files if k.startswith('drawn.')]
+    assert len(drawn) == 12
+    for key in drawn:
+        assert not np.allclose(ranks[0][key], ranks[1][key]), key    # the test can fail
+        for r, rank in enumerate(ranks):
+            np.testing.assert_array_equal(rank['held.' + key[6:]], ranks[0][key],
+                                          err_msg='rank %d %s' % (r, key[6:]))
+
+
 def test_broadcast_parameters_gives_every_device_the_roots_values():
     """comm.broadcast_parameters over 3 contexts of this process, each holding other values
     (a NaN on a non-root device among them): every device ends with device 0's numbers, of
