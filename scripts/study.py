@@ -11,9 +11,11 @@ Cityscapes layout (scripts/make_fake_cityscapes.py --kind digits).
 Every norm of a seed starts from the same weights and sees the same batches; every norm gets the
 same schedule (configs/study_*.yaml differ only in their norm lines; 2 images per device run
 twice the epochs, i.e. the same number of steps). bn, pbn, pbn+ and gn run on 8 CPU contexts of
-one process; syncbn runs one process per device (Horovod over Gloo, 8 processes): on 8 contexts
-of one process it needs MXNet's 16384 temp-space copies, with which DeepLab's memory grows by
-about 1.2 GB a step (README, known limitations), and with fewer it deadlocks.
+one process; syncbn runs one process per device (8 KVStore dist_sync workers over ps-lite on
+127.0.0.1): on 8 contexts of one process it needs MXNet's 16384 temp-space copies, with which
+DeepLab's memory grows by about 1.2 GB a step (README, known limitations), and with fewer it
+deadlocks. KVStore, not Horovod: on 2 cores its 2 exchanges per layer and step cost less
+(DeepLab, 1 image per device: 1.35 s a step against Horovod over Gloo's 3.3, bn 0.88).
 
 Resumable: each run lives in RUNS/<norm>_ipd<i>_seed<s>/; a killed study started again skips
 finished trainings and evaluations and continues an unfinished training with train.py --resume.
@@ -116,7 +118,7 @@ class Run:
         self.name = '%s_ipd%d_seed%d' % (norm.replace('+', 'plus'), ipd, seed)
         self.dir = os.path.join(runs_dir, self.name)
         self.config = os.path.join('configs', NORM_CONFIGS[norm] + '.yaml')
-        self.backend = 'horovod' if norm == 'syncbn' else 'local'
+        self.backend = 'kvstore' if norm == 'syncbn' else 'local'
         import yaml
         with open(os.path.join(ROOT, self.config)) as f:
             cfg = yaml.safe_load(f)
@@ -131,8 +133,8 @@ class Run:
         overrides = list(extra_set) + [
             'batch_size=%d' % ipd, 'seed=%d' % seed, 'epochs=%d' % self.epochs,
             'run_dir=%s' % self.dir, 'data_root=%s' % DATA['root']]
-        self.train_set = overrides + (['backend=horovod', 'devices=1']
-                                      if self.backend == 'horovod' else
+        self.train_set = overrides + (['backend=kvstore', 'devices=1']
+                                      if self.backend == 'kvstore' else
                                       ['backend=local', 'devices=%d' % DEVICES])
         self.eval_set = overrides + ['backend=local', 'devices=1']
 
@@ -156,9 +158,9 @@ class Run:
     def train_command(self, resume):
         cmd = [sys.executable, os.path.join('scripts', 'train.py'), '--config', self.config,
                '--set'] + self.train_set + (['--resume'] if resume else [])
-        if self.backend == 'horovod':
+        if self.backend == 'kvstore':
             from pbn_gluon import jobs
-            cmd = jobs.horovodrun(DEVICES, cmd)
+            cmd = jobs.kvstore_launch(DEVICES, cmd)
         return cmd
 
     def eval_command(self, epoch):
@@ -192,7 +194,7 @@ def environment(run):
     env['MXNET_CPU_PARALLEL_RAND_COPY'] = cpu_resource_env(DEVICES)['MXNET_CPU_PARALLEL_RAND_COPY']
     env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
     env['PYTHONUNBUFFERED'] = '1'
-    if run.backend == 'horovod':
+    if run.backend == 'kvstore':
         env['OMP_NUM_THREADS'] = '1'
     return env
 
