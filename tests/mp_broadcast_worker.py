@@ -1,6 +1,7 @@
 """One process of test_multiprocess.test_broadcast_gives_deferred_parameters_the_roots_values:
-six Dense layers of one shape (deferred weights), drawn from another seed in every process, broadcast
-by Job.broadcast; saves what this process drew and what it holds after the first forward."""
+six Dense layers of one shape (deferred weights), drawn from another seed in every process and
+broadcast by Job.broadcast; saves what this process drew and what it holds after the first
+forward."""
 import argparse
 import os
 import types

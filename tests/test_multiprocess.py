@@ -18,15 +18,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS = 2
 
 
-def run_workers(backend, norm, out, extra=()):
-    worker = [sys.executable, os.path.join(HERE, 'mp_worker.py'), '--backend', backend,
-              '--norm', norm, '--out', str(out), '--steps', str(STEPS)] + list(extra)
-    if backend == 'horovod':
-        cmd = jobs.horovodrun(2, worker)
-    else:
-        cmd = jobs.kvstore_launch(2, worker, timeout=150)
+def run_job(backend, worker, processes=2):
+    """`worker` (a script, in tests/ unless its path is absolute, and its arguments) as a job
+    of `processes` processes: horovodrun (Gloo) or KVStore dist_sync workers."""
+    worker = [sys.executable, os.path.join(HERE, worker[0])] + list(worker[1:])
+    cmd = jobs.horovodrun(processes, worker) if backend == 'horovod' else \
+        jobs.kvstore_launch(processes, worker, timeout=150)
     env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get('PYTHONPATH', ''))
     return subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=240)
+
+
+def run_workers(backend, norm, out, extra=()):
+    return run_job(backend, ['mp_worker.py', '--backend', backend, '--norm', norm, '--out',
+                             str(out), '--steps', str(STEPS)] + list(extra))
 
 
 def load(out):
@@ -124,9 +128,7 @@ def test_processes_with_different_nets_fail_clearly(tmp_path):
         '    y = net(x)\n'
         'y.backward()\n'
         'sync.step()\n')
-    cmd = jobs.horovodrun(2, [sys.executable, str(script)])
-    env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get('PYTHONPATH', ''))
-    result = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=240)
+    result = run_job('horovod', [str(script)])
     assert result.returncode != 0
     assert 'processes run different nets' in result.stdout + result.stderr
 
@@ -141,13 +143,8 @@ def test_trainer_and_sync_order_across_processes(backend, tmp_path):
     results = {}
     for order in ('trainer-first', 'sync-first'):
         out = tmp_path / order
-        worker = [sys.executable, os.path.join(HERE, 'mp_order_worker.py'), '--backend',
-                  backend, '--order', order, '--out', str(out)]
-        cmd = jobs.horovodrun(2, worker) if backend == 'horovod' else \
-            jobs.kvstore_launch(2, worker, timeout=150)
-        env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get('PYTHONPATH', ''))
-        run = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True,
-                             timeout=240)
+        run = run_job(backend, ['mp_order_worker.py', '--backend', backend, '--order', order,
+                                '--out', str(out)])
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         results[order] = load(out)
     for order, (root, other) in results.items():
@@ -173,16 +170,12 @@ def test_trainer_and_sync_order_across_processes(backend, tmp_path):
 
 @pytest.mark.parametrize('backend', ['horovod', 'kvstore'])
 def test_broadcast_gives_deferred_parameters_the_roots_values(backend, tmp_path):
-    """4 processes, each drawing other weights for six deferred Dense layers of one shape
-    (weights and biases): after Job.broadcast and the first forward, every process holds what
+    """4 processes, each drawing other values for six Dense layers of one shape (deferred
+    weights, biases): after Job.broadcast and the first forward, every process holds what
     rank 0 drew, parameter by parameter. (On a dist kvstore, back-to-back exchanges of one key
     got each other's values before the broadcast waited for each one.)"""
-    worker = [sys.executable, os.path.join(HERE, 'mp_broadcast_worker.py'), '--backend',
-              backend, '--out', str(tmp_path)]
-    cmd = jobs.horovodrun(4, worker) if backend == 'horovod' else \
-        jobs.kvstore_launch(4, worker, timeout=150)
-    env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get('PYTHONPATH', ''))
-    run = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=240)
+    run = run_job(backend, ['mp_broadcast_worker.py', '--backend', backend, '--out',
+                            str(tmp_path)], processes=4)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     ranks = [np.load(os.path.join(str(tmp_path), 'rank%d.npz' % r)) for r in range(4)]
     drawn = [k for k in ranks[0].files if k.startswith('drawn.')]
