@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 HOROVOD_ENV := HOROVOD_WITH_MXNET=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 \
                HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_PYTORCH=1 MAKEFLAGS=-j2
 
-.PHONY: venv test test-slow demo bench study study-quick clean
+.PHONY: venv test test-slow demo bench study study-quick study-sensitivity study-long clean
 venv: $(VENV)/.ready
 
 $(VENV)/.ready: requirements.txt
@@ -35,6 +35,12 @@ study: venv
 
 study-quick: venv
 	$(PY) scripts/study.py --quick $(ARGS)
+
+study-sensitivity: venv
+	$(PY) scripts/study.py --preset sensitivity $(ARGS)
+
+study-long: venv
+	$(PY) scripts/study.py --preset long $(ARGS)
 
 bench: venv
 	$(PY) scripts/bench_norm.py --repeats 3 --json results/bench_norm.json --plot results/bench_norm.png

@@ -4,14 +4,18 @@ cityscapesscripts mIoU) for every (norm, images per device, seed), on the digits
 Cityscapes layout (scripts/make_fake_cityscapes.py --kind digits).
 
     python scripts/study.py --quick       # 1 seed, 1 image per device, bn / pbn+ / syncbn
+    python scripts/study.py --preset sensitivity  # the paper's algorithm read 8 ways, 1 seed,
+                                          # 1 image per device, with bn and syncbn
     python scripts/study.py               # 2 seeds, 1 and 2 images per device, bn / syncbn /
-                                          # pbn / pbn+
+                                          # the paper's best reading / pbn+
+    python scripts/study.py --preset long # 3 seeds, 1 and 2 images per device, bn / syncbn /
+                                          # the paper's two best readings / pbn+
     python scripts/study.py --report      # table and plot of the finished runs only
 
 Every norm of a seed starts from the same weights and sees the same batches; every norm gets the
 same schedule (configs/study_*.yaml differ only in their norm lines; 2 images per device run
-twice the epochs, i.e. the same number of steps). bn, pbn, pbn+ and gn run on 8 CPU contexts of
-one process; syncbn runs one process per device (8 KVStore dist_sync workers over ps-lite on
+twice the epochs, i.e. the same number of steps). bn, the pbn variants and gn run on 8 CPU
+contexts of one process; syncbn runs one process per device (8 KVStore dist_sync workers over ps-lite on
 127.0.0.1): on 8 contexts of one process it needs MXNet's 16384 temp-space copies, with which
 DeepLab's memory grows by about 1.2 GB a step (README, known limitations), and with fewer it
 deadlocks. KVStore, not Horovod: on 2 cores its 2 exchanges per layer and step cost less
@@ -24,6 +28,7 @@ same step for every batch size, wall times, the git commit), OUT/study.png and t
 made by different commits are not put in one table unless --allow-mixed-commits.
 """
 import argparse
+import collections
 import json
 import os
 import signal
@@ -34,26 +39,72 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NORM_CONFIGS = {'bn': 'study_bn', 'syncbn': 'study_syncbn', 'pbn': 'study_pbn',
-                'pbn+': 'study_pbnplus', 'gn': 'study_gn'}
+
+
+def _whole_run(steps):
+    return 'pbn_steps=%d' % steps
+
+
+def _growing_groups(steps):
+    return 'pbn_group_size={0: 2, %d: 4, %d: 8}' % (steps // 3, 2 * steps // 3)
+
+
+#: Every norm of the study: (config under configs/, overrides of that config; a callable
+#: override gets the run's number of steps). The pbn-* rows are the paper's algorithm
+#: (configs/study_pbn.yaml: linear ramp of the local weight w from 1, no averaging of the
+#: exchanged moments, local backward) read the ways docs/pbn-spec.md ("What the paper's
+#: references imply") weighs: w_end 1/2, 1/4 or 1/G = 1/8, reached after 50 steps (r50) or at
+#: the end of the run (rall); groups growing 2 -> 4 -> 8 over the run's thirds (w -> 1/G);
+#: the exchanged moments averaged over steps (global_momentum 0.8, a stochastic-approximation
+#: estimate). pbn+ is this project's default (averaged moments and progressive backward).
+NORMS = {
+    'bn': ('study_bn', ()),
+    'syncbn': ('study_syncbn', ()),
+    'pbn+': ('study_pbnplus', ()),
+    'gn': ('study_gn', ()),
+    'pbn-w1/8-r50': ('study_pbn', ()),
+    'pbn-w1/4-r50': ('study_pbn', ('pbn_final=0.25',)),
+    'pbn-w1/2-r50': ('study_pbn', ('pbn_final=0.5',)),
+    'pbn-w1/8-rall': ('study_pbn', (_whole_run,)),
+    'pbn-w1/4-rall': ('study_pbn', ('pbn_final=0.25', _whole_run)),
+    'pbn-w1/2-rall': ('study_pbn', ('pbn_final=0.5', _whole_run)),
+    'pbn-groups': ('study_pbn', (_growing_groups,)),
+    'pbn-avg': ('study_pbn', ('pbn_global_momentum=0.8',)),
+}
+#: the paper's algorithm in the sensitivity study (one seed, 1 image per device)
+PAPER_SETTINGS = [n for n in NORMS if n.startswith('pbn-')]
 DEVICES = 8
 DATA = {'root': 'data/study_digits', 'num_train': 320, 'num_val': 60, 'size': '64x64',
         'seed': 0}
-FULL = {'norms': ['bn', 'syncbn', 'pbn', 'pbn+'], 'ipds': [1, 2], 'seeds': [0, 1]}
+#: the paper's best reading in the sensitivity study, and the runner-up (docs/results/study/
+#: sensitivity): both run at 1 and 2 images per device in the full and long studies
+PAPER_BEST = ['pbn-w1/8-r50', 'pbn-w1/2-r50']
+PRESETS = {
+    'quick': {'norms': ['bn', 'pbn+', 'syncbn'], 'ipds': [1], 'seeds': [0],
+              'out': 'docs/results/study/quick'},
+    'sensitivity': {'norms': ['bn', 'syncbn'] + PAPER_SETTINGS, 'ipds': [1], 'seeds': [0],
+                    'out': 'docs/results/study/sensitivity'},
+    'full': {'norms': ['bn', 'syncbn'] + PAPER_BEST[:1] + ['pbn+'], 'ipds': [1, 2],
+             'seeds': [0, 1], 'out': 'docs/results/study'},
+    'long': {'norms': ['bn', 'syncbn'] + PAPER_BEST + ['pbn+'], 'ipds': [1, 2],
+             'seeds': [0, 1, 2], 'out': 'docs/results/study/long'},
+}
 #: SyncBN's gain over BN (mIoU) below which the table gives no gain shares
 MIN_SYNC_GAIN = 0.02
-QUICK = {'norms': ['bn', 'pbn+', 'syncbn'], 'ipds': [1], 'seeds': [0]}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--quick', action='store_true', help='1 seed, ipd 1, bn / pbn+ / syncbn')
-    parser.add_argument('--norms', nargs='+', choices=sorted(NORM_CONFIGS))
+    parser.add_argument('--preset', choices=sorted(PRESETS), default='full',
+                        help='norms, images per device, seeds and output of a study '
+                        '(quick, sensitivity, full, long: see PRESETS)')
+    parser.add_argument('--quick', action='store_const', dest='preset', const='quick',
+                        help='the same as --preset quick')
+    parser.add_argument('--norms', nargs='+', choices=list(NORMS))
     parser.add_argument('--ipds', nargs='+', type=int, help='images per device')
     parser.add_argument('--seeds', nargs='+', type=int)
     parser.add_argument('--runs', default='runs/study', help='run directories')
-    parser.add_argument('--out', help='study.json and study.png (default docs/results/study, '
-                        'with --quick docs/results/study/quick)')
+    parser.add_argument('--out', help="study.json and study.png (default: the preset's)")
     parser.add_argument('--report', action='store_true',
                         help='no training: table, JSON and plot of the finished runs')
     parser.add_argument('--allow-mixed-commits', action='store_true',
@@ -63,11 +114,11 @@ def parse_args(argv=None):
     parser.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE',
                         help='config overrides for every run (e.g. epochs=1 for a smoke test)')
     args = parser.parse_args(argv)
-    preset = QUICK if args.quick else FULL
+    preset = PRESETS[args.preset]
     args.norms = args.norms or preset['norms']
     args.ipds = args.ipds or preset['ipds']
     args.seeds = args.seeds if args.seeds is not None else preset['seeds']
-    args.out = args.out or ('docs/results/study/quick' if args.quick else 'docs/results/study')
+    args.out = args.out or preset['out']
     return args
 
 
@@ -115,9 +166,11 @@ class Run:
 
     def __init__(self, norm, ipd, seed, runs_dir, extra_set=()):
         self.norm, self.ipd, self.seed = norm, ipd, seed
-        self.name = '%s_ipd%d_seed%d' % (norm.replace('+', 'plus'), ipd, seed)
+        self.name = '%s_ipd%d_seed%d' % (norm.replace('+', 'plus').replace('/', 'of'), ipd,
+                                         seed)
         self.dir = os.path.join(runs_dir, self.name)
-        self.config = os.path.join('configs', NORM_CONFIGS[norm] + '.yaml')
+        config, norm_set = NORMS[norm]
+        self.config = os.path.join('configs', config + '.yaml')
         self.backend = 'kvstore' if norm == 'syncbn' else 'local'
         import yaml
         with open(os.path.join(ROOT, self.config)) as f:
@@ -130,7 +183,8 @@ class Run:
         self.steps_per_epoch = (cfg.get('overfit_batches') or
                                 DATA['num_train'] // (DEVICES * ipd))
         self.steps = self.epochs * self.steps_per_epoch
-        overrides = list(extra_set) + [
+        self.norm_set = [o(self.steps) if callable(o) else o for o in norm_set]
+        overrides = self.norm_set + list(extra_set) + [
             'batch_size=%d' % ipd, 'seed=%d' % seed, 'epochs=%d' % self.epochs,
             'run_dir=%s' % self.dir, 'data_root=%s' % DATA['root']]
         self.train_set = overrides + (['backend=kvstore', 'devices=1']
@@ -326,10 +380,17 @@ def run_one(run, bar, args, commit):
 
 # ---------------------------------------------------------------------------------- report
 
+#: a row of the study's table: mean and std of val mIoU over seeds; its difference to BN's mean
+#: (absolute, and relative to BN as the paper reports its +18.4%); its share of SyncBN's gain
+#: over BN; the median step time and its ratio to BN's
+Row = collections.namedtuple('Row', 'norm backend ipd mean std delta relative gain step '
+                                    'step_vs_bn runs')
+
+
 def summarize(records, norms, ipds):
-    """Rows (norm, backend, ipd, mean, spread, gain share, step_s, ratio to bn, runs). The
-    gain share, (mIoU - BN) / (SyncBN - BN), is NaN (n/a) where SyncBN's mean gain over BN is
-    below MIN_SYNC_GAIN: a share of a gain within the seed spread says nothing."""
+    """Rows of the table. The gain share, (mIoU - BN) / (SyncBN - BN), is NaN (n/a) where
+    SyncBN's mean gain over BN is below MIN_SYNC_GAIN: a share of a gain within the seed spread
+    says nothing."""
     rows = []
     for ipd in ipds:
         ok = [r for r in records if r['images_per_device'] == ipd and r['status'] == 'ok']
@@ -346,20 +407,24 @@ def summarize(records, norms, ipds):
             step = float(np.median([r['step_s'] for r in rs]))
             gain = ((miou.mean() - bn) / (sync - bn) if sync - bn >= MIN_SYNC_GAIN
                     else float('nan'))
-            rows.append((norm, rs[0]['backend'], ipd, float(miou.mean()), float(miou.std()),
-                         float(gain), step, step / bn_step, len(rs)))
+            rows.append(Row(norm, rs[0]['backend'], ipd, float(miou.mean()), float(miou.std()),
+                            float(miou.mean() - bn), float((miou.mean() - bn) / bn),
+                            float(gain), step, step / bn_step, len(rs)))
     return rows
 
 
 def format_table(rows):
-    head = '%-7s %4s %8s %8s  %-17s %8s %10s %8s %6s' % (
-        'norm', 'ipd', 'batch', 'backend', 'val mIoU', 'gain', 'step [ms]', 'vs bn', 'runs')
+    percent = lambda v: '%+.1f%%' % (100 * v) if np.isfinite(v) else 'n/a'
+    head = '%-14s %3s %8s  %-17s %7s %7s %6s %9s %7s %4s' % (
+        'norm', 'ipd', 'backend', 'val mIoU', 'vs bn', 'vs bn', 'gain', 'step [ms]',
+        'step/bn', 'runs')
     lines = [head, '-' * len(head)]
-    for norm, backend, ipd, mean, spread, gain, step, ratio, n in rows:
-        lines.append('%-7s %4d %8s %8s  %-17s %8s %10.1f %8s %6d' % (
-            norm, ipd, '%d/dev' % ipd, backend, '%.4f +- %.4f' % (mean, spread),
-            '%.0f%%' % (100 * gain) if np.isfinite(gain) else 'n/a', 1000 * step,
-            '%.2fx' % ratio if np.isfinite(ratio) else 'n/a', n))
+    for r in rows:
+        lines.append('%-14s %3d %8s  %-17s %7s %7s %6s %9.1f %7s %4d' % (
+            r.norm, r.ipd, r.backend, '%.4f +- %.4f' % (r.mean, r.std),
+            '%+.3f' % r.delta if np.isfinite(r.delta) else 'n/a', percent(r.relative),
+            '%.0f%%' % (100 * r.gain) if np.isfinite(r.gain) else 'n/a', 1000 * r.step,
+            '%.2fx' % r.step_vs_bn if np.isfinite(r.step_vs_bn) else 'n/a', r.runs))
     return '\n'.join(lines)
 
 
@@ -386,14 +451,12 @@ def report(records, args, commit, wall_s):
     rows = summarize(finished, args.norms, args.ipds)
     table = format_table(rows)
     os.makedirs(args.out, exist_ok=True)
-    study = {'commit': commits or commit, 'preset': 'quick' if args.quick else 'full',
+    study = {'commit': commits or commit, 'preset': args.preset,
              'norms': args.norms, 'images_per_device': args.ipds, 'seeds': args.seeds,
              'devices': DEVICES, 'data': DATA, 'overrides': args.set,
              'wall_s': wall_s, 'train_wall_s': sum(r['train_wall_s'] or 0 for r in records),
              'eval_wall_s': sum(r['eval_wall_s'] or 0 for r in records),
-             'table': [dict(zip(('norm', 'backend', 'images_per_device', 'miou_mean',
-                                 'miou_std', 'gain_share', 'step_s', 'step_vs_bn', 'runs'), row))
-                       for row in rows],
+             'table': [row._asdict() for row in rows],
              'runs': records}
     from pbn_gluon.files import write_json
     write_json(os.path.join(args.out, 'study.json'), study)

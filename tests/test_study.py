@@ -80,10 +80,17 @@ def test_table_gain_share_and_step_ratio():
                for n, s, m, t in [('bn', 0, 0.30, 1.0), ('bn', 1, 0.40, 1.0),
                                   ('syncbn', 0, 0.65, 3.0), ('syncbn', 1, 0.75, 3.0),
                                   ('pbn+', 0, 0.60, 1.1), ('pbn+', 1, 0.60, 1.1)]]
-    rows = {r[0]: r for r in study.summarize(records, ['bn', 'syncbn', 'pbn+'], [1])}
-    assert rows['pbn+'][3] == pytest.approx(0.60) and rows['bn'][4] == pytest.approx(0.05)
-    assert rows['pbn+'][5] == pytest.approx((0.60 - 0.35) / (0.70 - 0.35))
-    assert rows['syncbn'][7] == pytest.approx(3.0) and rows['pbn+'][7] == pytest.approx(1.1)
+    rows = {r.norm: r for r in study.summarize(records, ['bn', 'syncbn', 'pbn+'], [1])}
+    assert rows['pbn+'].mean == pytest.approx(0.60) and rows['bn'].std == pytest.approx(0.05)
+    assert rows['pbn+'].gain == pytest.approx((0.60 - 0.35) / (0.70 - 0.35))
+    # the paper's measure: the improvement over BN, absolute and relative to BN's mIoU
+    assert rows['pbn+'].delta == pytest.approx(0.25)
+    assert rows['pbn+'].relative == pytest.approx(0.25 / 0.35)
+    assert rows['bn'].delta == 0 and rows['bn'].relative == 0
+    assert rows['syncbn'].step_vs_bn == pytest.approx(3.0)
+    assert rows['pbn+'].step_vs_bn == pytest.approx(1.1)
+    table = study.format_table(list(rows.values()))
+    assert '+0.250' in table and '+71.4%' in table and '+0.350' in table and '+100.0%' in table
 
 
 
@@ -94,9 +101,45 @@ def test_no_gain_share_where_syncbn_does_not_beat_bn():
                 'step_s': 1.0, 'backend': 'local', 'commit': 'x'}
                for n, m in [('bn', 0.37), ('syncbn', 0.38), ('pbn+', 0.40)]]
     rows = study.summarize(records, ['bn', 'syncbn', 'pbn+'], [2])
-    assert all(np.isnan(r[5]) for r in rows)
+    assert all(np.isnan(r.gain) for r in rows)
     table = study.format_table(rows)
-    assert table.count('n/a') == 3 and '%' not in table
+    gain_column = [line.split()[8] for line in table.splitlines()[2:]]
+    assert gain_column == ['n/a'] * 3, table
+
+def test_paper_settings_are_the_configs_they_name(tmp_path):
+    """Each pbn-* norm of the sensitivity study loads (train.py's own config check) as the
+    setting its name says: w_end, ramp length (50 steps or the whole run), growing groups,
+    averaged moments; everything else is configs/study_pbn.yaml's paper algorithm."""
+    from pbn_gluon.segmentation.config import load_config
+    study = load_study()
+    expected = {  # name: (w_end, ramp steps, group size, global momentum); None: 1/G, all
+        'pbn-w1/8-r50': (None, 50, None, 0.0), 'pbn-w1/4-r50': (0.25, 50, None, 0.0),
+        'pbn-w1/2-r50': (0.5, 50, None, 0.0), 'pbn-w1/8-rall': (None, 160, None, 0.0),
+        'pbn-w1/4-rall': (0.25, 160, None, 0.0), 'pbn-w1/2-rall': (0.5, 160, None, 0.0),
+        'pbn-groups': (None, 50, {0: 2, 53: 4, 106: 8}, 0.0),
+        'pbn-avg': (None, 50, None, 0.8)}
+    assert sorted(study.PAPER_SETTINGS) == sorted(expected)
+    assert set(study.PAPER_BEST) <= set(study.PAPER_SETTINGS)
+    for ipd in (1, 2):
+        for norm, (final, steps, groups, momentum) in expected.items():
+            run = study.Run(norm, ipd, 0, str(tmp_path), ['lr=0.02'])
+            assert run.steps == 160
+            cfg = load_config(os.path.join(REPO, run.config), run.train_set)
+            got = (cfg.pbn_final, cfg.pbn_steps, cfg.pbn_group_size, cfg.pbn_global_momentum)
+            assert got == (final, steps, groups, momentum), norm
+            assert (cfg.norm, cfg.pbn_local_weight, cfg.pbn_backward) == ('pbn', 'linear', 'local')
+            assert cfg.lr == 0.02 and cfg.batch_size == ipd and cfg.epochs == 4 * ipd
+            assert '/' not in os.path.basename(run.dir)
+
+
+def test_an_unknown_norm_is_refused():
+    study = load_study()
+    with pytest.raises(SystemExit):
+        study.parse_args(['--norms', 'pbn-w1/3-r50'])
+    args = study.parse_args(['--preset', 'sensitivity'])
+    assert args.ipds == [1] and args.seeds == [0] and 'pbn-avg' in args.norms
+    assert study.parse_args(['--quick']).out == 'docs/results/study/quick'
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
