@@ -2,7 +2,7 @@
 non-finite batch on one device, a device that never reaches a SyncBN exchange, a process
 killed in the middle of training on Horovod and KVStore dist_sync (worker or server). A run
 killed and resumed: test_segmentation_train.py; nets that differ between processes:
-test_multiprocess.py. The matrix with measured times is in the README."""
+test_multiprocess.py. The matrix with measured times is docs/faults.md."""
 import os
 import signal
 import subprocess
