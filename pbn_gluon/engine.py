@@ -1,8 +1,8 @@
 """Deferred writes: engine operations that Python completes later, so that no thread waits.
 
 MXNet 1.9 runs every custom operator on ONE thread: a custom op that waited for another device
-would stall all of them (and MXNet's own SyncBatchNorm blocks an engine worker, see the
-README). Instead, a device that reaches a synchronous layer before the others reserves its
+would stall all of them (and MXNet's own SyncBatchNorm blocks an engine worker, see
+docs/limitations.md). Instead, a device that reaches a synchronous layer before the others reserves its
 output with ``reserve(out)``: an asynchronous engine operation (MXEnginePushAsyncND) that holds
 the write lock of `out` and returns at once. Readers of `out` queue behind it in the engine.
 When the last device arrives, ``fulfil(reservation, value)`` pushes an operation that runs

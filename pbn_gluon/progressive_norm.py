@@ -35,7 +35,7 @@ class ProgressiveBatchNorm(BatchStatsNorm):
     variant : 'plus' (default) or 'paper'
         The defaults of the next two arguments: 'plus' averages the exchanged moments
         (global_momentum 0.8) and mixes the backward (backward='progressive'), which recovered
-        SyncBN's accuracy gain on the demo and on GluonCV DeepLab (README, results); 'paper' is
+        SyncBN's accuracy gain on the demo and on GluonCV DeepLab (docs/results.md); 'paper' is
         the paper's algorithm as specified (0, 'local'). Arguments given explicitly win.
     global_momentum : float in [0, 1), default by `variant`
         The group sums the layer mixes in are an exponential average over the exchanges,

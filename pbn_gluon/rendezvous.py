@@ -12,7 +12,7 @@ and records an error. ``SyncExchange.settle()``, StatsSync.step()'s one call, ra
 and, where the devices meet in host memory, waits until this step's group sums are kept.
 
 All CPU contexts of a process share MXNet's resource copies, so SyncBatchNorm on several of
-them needs more copies than MXNet's defaults (``cpu_resource_env``, README: known limitations).
+them needs more copies than MXNet's defaults (``cpu_resource_env``, docs/limitations.md).
 """
 import collections
 import os

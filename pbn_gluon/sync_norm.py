@@ -152,7 +152,7 @@ class SyncBatchNorm(BatchStatsNorm):
         Every extension-library operator takes one of MXNet's process-wide parallel-random
         copies (MXNET_CPU_PARALLEL_RAND_COPY, ~5 MB each); nodes of two devices on one copy run
         in push order, and across this layer's meeting that order can wait on itself unless
-        every node has its own copy (README, known limitations). MXNet's reductions and
+        every node has its own copy (docs/limitations.md). MXNet's reductions and
         BatchNorm need only temp space, whose copies are cheap.
 
         The sums are double: Q - M^2 would cancel in float32 once |mean| / std passes ~100.

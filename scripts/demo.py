@@ -27,7 +27,7 @@ PBN local-weight schedule (documented choice): ``pbn_gluon.schedules.Linear(star
 steps=PBN_RAMP * steps, final=--pbn-final)`` with PBN_RAMP = 0.25 and final weight 0.5: w goes
 linearly from 1 (plain per-device BN) to 0.5 over the first quarter of training, then stays
 there (group = all devices). The library's default final weight is 1/G (= 1/8 here); as the
-paper specifies PBN, it trains worse than BN at 2 images per device there (README, ablation),
+paper specifies PBN, it trains worse than BN at 2 images per device there (docs/results.md, ablation),
 hence the choice. The row "pbn+" is PBN with this project's two extensions at w -> 1/G:
 global moments averaged over exchanges (global_momentum=0.8) and the progressive backward.
 

@@ -17,7 +17,7 @@ same schedule (configs/study_*.yaml differ only in their norm lines; 2 images pe
 twice the epochs, i.e. the same number of steps). bn, the pbn variants and gn run on 8 CPU
 contexts of one process; syncbn runs one process per device (8 KVStore dist_sync workers over ps-lite on
 127.0.0.1): on 8 contexts of one process it needs MXNet's 16384 temp-space copies, with which
-DeepLab's memory grows by about 1.2 GB a step (README, known limitations), and with fewer it
+DeepLab's memory grows by about 1.2 GB a step (docs/limitations.md), and with fewer it
 deadlocks. KVStore, not Horovod: on 2 cores its 2 exchanges per layer and step cost less
 (DeepLab, 1 image per device: 1.35 s a step against Horovod over Gloo's 3.3, bn 0.88).
 

@@ -439,7 +439,24 @@ def _table_row(name, row):
         '; '.join(reasons)[:400])
 
 
+NOTES = '## What the rows show'     # a hand-written section of the table's file, kept on rewrite
+
+
+def kept_notes(path):
+    """The hand-written section of the markdown file at `path` (from NOTES to the table), or
+    no lines when there is none."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        text = f.read()
+    start = text.find(NOTES)
+    if start < 0:
+        return []
+    return ['', text[start:text.index('| model |', start)].rstrip('\n')]
+
+
 def write_markdown(results, path, pending=()):
+    notes = kept_notes(path)
     rows = sorted(results.items())
     counts = {}
     for _, row in rows:
@@ -454,6 +471,7 @@ def write_markdown(results, path, pending=()):
                '%d %s' % (n, WHOSE[k]) for k, n in sorted(counts.items())))]
     if pending:
         out += ['', 'Not reached in this run (%d): %s.' % (len(pending), ', '.join(pending))]
+    out += notes
     out += ['', '| model | family | input | BN | PBN | convert_norm | whose | reason |',
             '|---|---|---|---|---|---|---|---|']
     out += [_table_row(name, row) for name, row in rows]

@@ -26,8 +26,11 @@ def blocks(net):
         yield from blocks(child)
 
 
-def train_pbn_resnet18(steps=2):
-    """The README's training loop: GluonCV resnet18_v1b with PBN, 2 CPU contexts, StatsSync."""
+def train_pbn_resnet18(steps=2, stem_means=None):
+    """The README's training loop: GluonCV resnet18_v1b with PBN, 2 CPU contexts, StatsSync.
+    `stem_means` (a list) gets each step's per-channel mean of the stem convolution's output
+    over both devices, computed before the step: what the stem norm layer's running mean
+    follows."""
     mx.random.seed(3)
     net = get_model('resnet18_v1b', classes=10, norm_layer=pbn_gluon.ProgressiveBatchNorm,
                     norm_kwargs={'local_weight': 0.5})
@@ -40,6 +43,9 @@ def train_pbn_resnet18(steps=2):
     for _ in range(steps):
         xs = [nd.array(rng.normal(size=SHAPE), ctx=c) for c in CTXS]
         ys = [nd.array([1, 2], ctx=c) for c in CTXS]
+        if stem_means is not None:
+            stem = np.concatenate([net.conv1(x).asnumpy() for x in xs]).astype(np.float64)
+            stem_means.append(stem.mean(axis=(0, 2, 3)))
         with autograd.record():
             losses = [loss_fn(net(x), y) for x, y in zip(xs, ys)]
         autograd.backward(losses)
@@ -50,14 +56,16 @@ def train_pbn_resnet18(steps=2):
 
 @pytest.fixture(scope='module')
 def trained():
-    net = train_pbn_resnet18()
+    """(net, an input, its inference output, the stem convolution's mean of every step)."""
+    stem_means = []
+    net = train_pbn_resnet18(stem_means=stem_means)
     x = nd.array(np.random.RandomState(1).normal(size=SHAPE))
-    return net, x, net(x).asnumpy()
+    return net, x, net(x).asnumpy(), stem_means
 
 
 @pytest.fixture(scope='module')
 def exported(trained, tmp_path_factory):
-    net, x, _ = trained
+    net, x, _, _ = trained
     path = str(tmp_path_factory.mktemp('export') / 'r18')
     files = pbn_gluon.export(net, path, x)
     return path, files
@@ -89,9 +97,13 @@ def run_without_pbn_gluon(sym_file, params_file, x, tmp_path):
 
 
 def test_export_loads_without_pbn_gluon_and_equals_pbn_inference(trained, exported, tmp_path):
-    net, x, reference = trained
+    net, x, reference, _ = trained
     _, (sym_file, params_file) = exported
-    assert np.isfinite(reference).all() and np.abs(reference).max() > 0
+    # the PBN model's inference is BatchNorm's: GluonCV's nn.BatchNorm model on its parameters
+    net.save_parameters(str(tmp_path / 'pbn.params'))
+    bn_net = get_model('resnet18_v1b', classes=10)
+    bn_net.load_parameters(str(tmp_path / 'pbn.params'))
+    np.testing.assert_allclose(reference, bn_net(x).asnumpy(), rtol=1e-5, atol=1e-5)
     out = run_without_pbn_gluon(sym_file, params_file, x, tmp_path)
     np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5)
     # the user's net is unchanged: still PBN, same output
@@ -122,22 +134,27 @@ def test_exported_graph_is_plain_batchnorm_with_running_stats_as_aux(exported):
 
 
 def test_running_stats_exported_are_the_pbn_layers(trained, exported):
-    net, _, _ = trained
+    net, _, _, stem_means = trained
     _, (_, params_file) = exported
     saved = nd.load(params_file)
-    layer = net.layer1[0].bn1
-    for name in ('running_mean', 'running_var', 'gamma', 'beta'):
-        param = getattr(layer, name)
-        kind = 'aux' if name.startswith('running') else 'arg'
-        np.testing.assert_allclose(saved['%s:%s' % (kind, param.name)].asnumpy(),
-                                   param.data(CTXS[0]).asnumpy(), rtol=1e-6, atol=1e-7)
-    assert np.abs(layer.running_mean.data().asnumpy()).max() > 0     # really trained
+    for layer in (net.bn1, net.layer1[0].bn1):
+        for name in ('running_mean', 'running_var', 'gamma', 'beta'):
+            param = getattr(layer, name)
+            kind = 'aux' if name.startswith('running') else 'arg'
+            np.testing.assert_allclose(saved['%s:%s' % (kind, param.name)].asnumpy(),
+                                       param.data(CTXS[0]).asnumpy(), rtol=1e-6, atol=1e-7)
+    # really trained: the stem's running mean is BatchNorm's momentum-0.9 average, from 0, of
+    # the global means, which pbn+ averages over steps (global_momentum 0.8; the first one as is)
+    m0, m1 = stem_means
+    want = 0.1 * (0.9 * m0 + (0.8 * m0 + 0.2 * m1))
+    np.testing.assert_allclose(saved['aux:' + net.bn1.running_mean.name].asnumpy(), want,
+                               rtol=1e-4, atol=1e-6)
 
 
 def test_onnx_export_of_the_exported_model(trained, exported, tmp_path):
     onnx = pytest.importorskip('onnx')
     from onnx.reference import ReferenceEvaluator
-    _, x, reference = trained
+    _, x, reference, _ = trained
     _, (sym_file, params_file) = exported
     onnx_file = mx.onnx.export_model(sym_file, params_file, [SHAPE], [np.float32],
                                      str(tmp_path / 'r18.onnx'))
@@ -150,7 +167,7 @@ def test_onnx_export_of_the_exported_model(trained, exported, tmp_path):
 
 
 def test_convert_norm_round_trip_keeps_values(trained):
-    net, x, reference = trained
+    net, x, reference, _ = trained
     # a fresh copy of the trained weights (convert_norm changes the net in place)
     copy = get_model('resnet18_v1b', classes=10, norm_layer=pbn_gluon.ProgressiveBatchNorm)
     copy.initialize(ctx=CTXS)
@@ -204,7 +221,7 @@ def test_gluoncv_export_block_after_convert_norm_to_batchnorm(trained, tmp_path)
     """The README's alternative for export_block: the PBN checkpoint loaded into the BatchNorm
     model (or convert_norm(net, nn.BatchNorm)), then GluonCV's export_block."""
     from gluoncv.utils import export_block
-    net, x, reference = trained
+    net, x, reference, _ = trained
     net.save_parameters(str(tmp_path / 'pbn.params'))
     bn_net = get_model('resnet18_v1b', classes=10)
     bn_net.load_parameters(str(tmp_path / 'pbn.params'))
@@ -235,8 +252,12 @@ def test_readme_deploy_example_runs(tmp_path):
                             timeout=400, env=env, cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert '(1, 10)' in result.stdout
-    for name in ('model-symbol.json', 'model-0000.params', 'model.onnx'):
-        assert (tmp_path / name).stat().st_size > 0
+    # both graphs hold resnet18_v1b's 20 norm layers as plain BatchNorm
+    with open(tmp_path / 'model-symbol.json') as f:
+        assert [n['op'] for n in json.load(f)['nodes']].count('BatchNorm') == 20
+    onnx = pytest.importorskip('onnx')
+    nodes = onnx.load(str(tmp_path / 'model.onnx')).graph.node
+    assert [n.op_type for n in nodes].count('BatchNormalization') == 20
 
 
 class TwoHeads(nn.HybridBlock):
@@ -295,8 +316,11 @@ def test_syncbn_trained_model_exports_to_plain_batchnorm(tmp_path):
     sync = pbn_gluon.StatsSync(net, pbn_gluon.LocalComm(CTXS))
     trainer = gluon.Trainer(net.collect_params(), 'sgd', {'learning_rate': 0.05})
     rng = np.random.RandomState(2)
+    conv_moments = []       # per step: the first SyncBN's input, mean and variance over devices
     for _ in range(2):
         xs = [nd.array(rng.normal(3.0, 2.0, size=(2, 3, 9, 9)), ctx=c) for c in CTXS]
+        conv = np.concatenate([net[0](x).asnumpy() for x in xs]).astype(np.float64)
+        conv_moments.append((conv.mean(axis=(0, 2, 3)), conv.var(axis=(0, 2, 3))))
         with autograd.record():
             losses = [net(x).square().mean() for x in xs]
         autograd.backward(losses)
@@ -312,9 +336,15 @@ def test_syncbn_trained_model_exports_to_plain_batchnorm(tmp_path):
     assert ops.count('BatchNorm') == 2 and not [op for op in ops if 'pbn' in op.lower()]
     saved = nd.load(params_file)
     layers = [b for b in blocks(net) if isinstance(b, pbn_gluon.SyncBatchNorm)]
+    # the first layer's running statistics: BatchNorm's momentum-0.9 update, from 0 and 1, by
+    # the moments of both devices' batches (the exchange moved them)
+    (m0, v0), (m1, v1) = conv_moments
+    np.testing.assert_allclose(layers[0].running_mean.data(CTXS[0]).asnumpy(),
+                               0.1 * (0.9 * m0 + m1), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(layers[0].running_var.data(CTXS[0]).asnumpy(),
+                               0.9 * (0.9 + 0.1 * v0) + 0.1 * v1, rtol=1e-4, atol=1e-6)
     for layer in layers:
         running_mean = layer.running_mean.data(CTXS[0]).asnumpy()
-        assert np.abs(running_mean).max() > 0       # the exchange moved them
         np.testing.assert_array_equal(saved['aux:' + layer.running_mean.name].asnumpy(),
                                       running_mean)
         np.testing.assert_array_equal(saved['aux:' + layer.running_var.name].asnumpy(),

@@ -203,7 +203,7 @@ def test_channel_axis_other_than_one_is_batchnorm(axis):
 
 
 def test_default_is_pbn_plus_and_the_paper_one_argument_away():
-    """Defaults follow the study (README): averaged moments + progressive backward; the
+    """Defaults follow the study (docs/results.md): averaged moments + progressive backward; the
     paper's algorithm is variant='paper'; explicit arguments win over either."""
     plus = pbn_gluon.ProgressiveBatchNorm()
     assert (plus.global_momentum, plus.backward_mode, plus.exchange_rows) == (0.8, 'progressive', 5)

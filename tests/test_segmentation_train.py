@@ -75,7 +75,7 @@ def assert_learns(run_dir, iterations):
 def test_two_contexts_learn_a_repeated_batch_and_evaluate(norm, fake_root, tmp_path):
     """train.py restarts itself with MXNet's CPU resource settings, whatever the norm (MXNet's
     defaults, as a user has them, stall SyncBN on DeepLab, and the settings change the initial
-    weights: README)."""
+    weights: docs/limitations.md)."""
     run_dir = tmp_path / 'run'
     env = {k: v for k, v in os.environ.items() if not k.startswith('MXNET_CPU_')}
     result = run(train_command('cpu_fake_%s.yaml' % norm, fake_root, run_dir,

@@ -82,3 +82,19 @@ def test_reason_is_the_useful_line_of_an_mxnet_error():
             'MXNetError: only implemented in GPU')
     assert zoo_sweep._reason(text) == 'MXNetError: only implemented in GPU'
     assert zoo_sweep._reason(ValueError('bad value\nmore')) == 'ValueError: bad value'
+
+
+def test_rewriting_the_table_keeps_its_hand_written_section(tmp_path):
+    """write_markdown keeps the section from zoo_sweep.NOTES to the table of an existing file
+    word for word, and writes every model's row after it."""
+    with open(os.path.join(ROOT, 'docs', 'results', 'zoo_sweep.json')) as f:
+        models = dict(list(json.load(f)['models'].items())[:2])
+    md = tmp_path / 'sweep.md'
+    notes = zoo_sweep.NOTES + '\n\nWhy a row fails.\n- SSD: its backbone is a SymbolBlock.'
+    md.write_text('# old\n\n' + notes + '\n\n| model | old table |\n')
+    zoo_sweep.write_markdown(models, str(md))
+    text = md.read_text()
+    assert text.count(notes + '\n\n| model | family |') == 1
+    assert all('| %s |' % name in text.split(notes)[1] for name in models)
+    zoo_sweep.write_markdown(models, str(tmp_path / 'new.md'))      # no file yet: no section
+    assert zoo_sweep.NOTES not in (tmp_path / 'new.md').read_text()

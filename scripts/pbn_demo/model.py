@@ -5,7 +5,7 @@ from .data import NUM_CLASSES
 PBN_RAMP = 0.25        # fraction of the run over which PBN's local weight goes from 1 to w_end
 
 #: the row "pbn+": PBN with this project's two extensions (docs/pbn-spec.md) at the library's
-#: final weight 1/G, the best variant of the ablation study (README)
+#: final weight 1/G, the best variant of the ablation study (docs/results.md)
 PBN_PLUS = {'pbn_final': None, 'pbn_global_momentum': 0.8, 'pbn_backward': 'progressive'}
 
 
