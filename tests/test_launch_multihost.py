@@ -338,12 +338,21 @@ def test_timeout_stops_both_hosts(sshd):
 
 
 @pytest.mark.timeout(60)
-def test_an_unreachable_host_stops_nothing_and_starts_nothing(sshd):
-    job = Job(sshd, [HOST1, HOST2, '127.0.0.3'], ['--sleep', '300'])
-    code, seconds = job.finish()
+@pytest.mark.parametrize('kind', ['refuses', 'never answers'])
+def test_an_unreachable_host_stops_nothing_and_starts_nothing(sshd, kind):
+    """127.0.0.3 has no sshd (connection refused), or accepts TCP on the ssh port and never
+    says a word (ConnectTimeout, 2 s here): one line for it, nothing started."""
+    with socket.socket() as silent:
+        if kind == 'never answers':
+            silent.bind(('127.0.0.3', sshd.port))
+            silent.listen(8)        # the kernel accepts connections; nobody answers
+        job = Job(sshd, [HOST1, HOST2, '127.0.0.3'], ['--sleep', '300'], '--connect-timeout',
+                  '2')
+        code, seconds = job.finish()
     lines = [l for l in job.lines if l.startswith('pbn_gluon.launch: ')]
     assert len(lines) == 2 and 'cannot reach 127.0.0.3 over ssh: ' in lines[0], job.output()
-    check_fault(job, sshd, 'unreachable host', 255, r'1 of 3 hosts cannot run workers; '
+    assert ('refused' if kind == 'refuses' else 'timed out') in lines[0], job.output()
+    check_fault(job, sshd, 'host %s' % kind, 255, r'1 of 3 hosts cannot run workers; '
                 r'nothing was started', time.time() - job.start)
     assert not any(l.startswith('ready') for l in job.lines)
 
