@@ -332,6 +332,8 @@ def main(argv=None):
     if args.num_workers < 1 or args.num_servers < 1:
         parser.error('need at least one worker and one server')
     hosts = [h for h in args.hosts.split(',') if h] if args.hosts else None
+    if hosts and not shlex.split(args.ssh):
+        parser.error('--ssh is empty')
 
     def stop(signum, frame):    # leave through launch()'s finally, which stops the job
         for s in (signal.SIGTERM, signal.SIGINT):

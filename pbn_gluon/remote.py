@@ -159,6 +159,8 @@ def _check(ssh, host, timeout):
                                  stderr=subprocess.PIPE, timeout=timeout)
     except subprocess.TimeoutExpired:
         return 'host %s did not answer over ssh within %.0f s' % (host, timeout)
+    except OSError as err:
+        return 'cannot run %s to reach %s: %s' % (ssh[0], host, err.strerror or err)
     if result.returncode == 0 and result.stdout.strip() == b'42':
         return None
     said = result.stderr.decode(errors='replace').strip().splitlines()
