@@ -5,8 +5,17 @@ PY     := $(VENV)/bin/python
 HOROVOD_ENV := HOROVOD_WITH_MXNET=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 \
                HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_PYTORCH=1 MAKEFLAGS=-j2
 
-.PHONY: venv test test-slow demo bench study study-quick study-sensitivity study-long clean
-venv: $(VENV)/.ready
+.PHONY: venv openssh test test-slow demo bench study study-quick study-sensitivity study-long clean
+venv: $(VENV)/.ready openssh
+
+# sshd for tests/test_launch_multihost.py (launcher -H over ssh on 127.0.0.1 and 127.0.0.2);
+# where it cannot be installed (no apt-get, not root) those tests skip and say why
+openssh:
+	@command -v sshd >/dev/null 2>&1 || test -x /usr/sbin/sshd || \
+	  { command -v apt-get >/dev/null 2>&1 && test "$$(id -u)" = 0 && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq openssh-server openssh-client >/dev/null; } || \
+	  echo "openssh-server not installed: the multi-host launcher tests will be skipped"
 
 $(VENV)/.ready: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

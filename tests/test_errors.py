@@ -63,8 +63,10 @@ def test_launcher_stops_the_job_when_a_worker_dies():
                              sys.executable, '-c', code], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 3
-    # the launcher numbers its processes; ps-lite assigns ranks in its own order
-    assert re.search(r'worker \d exited with 3; stopping the job', result.stderr), result.stderr
+    # the launcher numbers its processes; ps-lite assigns ranks in its own order, which the
+    # launcher learns from the scheduler: the line names the rank that exited
+    assert re.search(r'worker \d \(rank 1\) exited with 3; stopping the job', result.stderr), \
+        result.stderr
 
 
 def test_syncbn_on_cpu_contexts_fails_fast_when_resource_copies_are_too_few(monkeypatch):

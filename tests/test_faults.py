@@ -159,7 +159,7 @@ def test_killed_process_ends_the_job_and_keeps_the_checkpoint(victim, fake_root,
             output[-3000:]
     else:
         assert job.returncode == 137
-        assert '%s' % victim.split()[1] in output and 'exited with -9; stopping the job' in \
+        assert '%s' % victim.split()[1] in output and 'killed by SIGKILL; stopping the job' in \
             output, output[-3000:]
     last = checkpoint.latest(str(run_dir))
     assert last is not None
