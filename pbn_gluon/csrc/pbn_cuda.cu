@@ -155,8 +155,7 @@ PBN_CALLBACK(sums_backward_gpu) {
 
 PBN_CALLBACK(running_update_gpu) {
   RunningUpdate u(inputs, outputs);
-  const long blocks = pbn_max(1, pbn_min((u.t + PBN_THREADS - 1) / PBN_THREADS, 4096));
-  pbn_running_update<<<static_cast<unsigned>(blocks), PBN_THREADS, 0, res.get_cuda_stream()>>>(
+  pbn_running_update<<<pbn_running_blocks(u.t), PBN_THREADS, 0, res.get_cuda_stream()>>>(
       u.stats, u.gather, u.momentum, u.t, u.running_mean, u.running_var, u.channel_count);
   if (launched("the CUDA kernel of pbn_running_update") != MX_SUCCESS) return MX_FAIL;
   return zero(u.stats, u.stats_size * sizeof(pbn_sum_t), res);

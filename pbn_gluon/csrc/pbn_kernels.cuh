@@ -30,11 +30,12 @@
 #define PBN_THREADS 256
 #define PBN_ILP 4 /* units a thread loads before it adds them up */
 
-/* The launch plan (pbn_plan), which pbn_cuda.cu launches with and tests/test_cuda_kernels.py
- * reads back through pbn_launch_plan. */
+/* The launch plan (pbn_plan, pbn_running_blocks), which pbn_cuda.cu launches with and
+ * tests/test_cuda_kernels.py reads back through pbn_launch_plan. */
 #define PBN_REDUCTION_BLOCKS_PER_SM 4 /* C * splits ~ this many reduction blocks per SM */
 #define PBN_AFFINE_BLOCKS_PER_SM 8    /* 8 x 256 threads: a full H100/A100 SM */
 #define PBN_MAX_GRID_Y 65535
+#define PBN_MAX_RUNNING_BLOCKS 4096   /* pbn_running_update strides over more channels */
 
 /* How the passes over one (A, C, B) tensor are cut up on a device of `sms` multiprocessors. */
 struct PbnPlan {
@@ -63,15 +64,24 @@ PBN_HD PbnPlan pbn_plan(long A, long C, long B, long sms) {
   return p;
 }
 
+/* Blocks of pbn_running_update for the T channels of a net. */
+PBN_HD unsigned pbn_running_blocks(long T) {
+  return (unsigned)pbn_max(1, pbn_min((T + PBN_THREADS - 1) / PBN_THREADS,
+                                      PBN_MAX_RUNNING_BLOCKS));
+}
+
 #ifdef PBN_LAUNCH_PLAN_KERNEL
 /* For tests/test_cuda_kernels.py only (compiled with -DPBN_LAUNCH_PLAN_KERNEL): plan =
- * [lanes, splits, affine_blocks, channel_blocks] of pbn_plan. */
-extern "C" __global__ void pbn_launch_plan(long A, long C, long B, long sms, long* plan) {
+ * [lanes, splits, affine_blocks, channel_blocks] of pbn_plan(A, C, B, sms), and
+ * pbn_running_blocks(T). */
+extern "C" __global__ void pbn_launch_plan(long A, long C, long B, long sms, long T,
+                                           long* plan) {
   const PbnPlan p = pbn_plan(A, C, B, sms);
   plan[0] = p.lanes;
   plan[1] = p.splits;
   plan[2] = p.affine_blocks;
   plan[3] = p.channel_blocks;
+  plan[4] = pbn_running_blocks(T);
 }
 #endif
 
