@@ -2,8 +2,8 @@
  * uses: g++ compiles the kernel header unchanged with this file force-included
  * (`g++ -include cuda_emulation.h`), and tests/emulated_cuda.py launches its kernels.
  *
- * A launch runs its blocks one after another. The threads of a block are fibers (ucontext)
- * that run until they reach a synchronisation point:
+ * A launch runs its blocks one after another. The threads of a block are fibers (their own
+ * stacks, switched by Context) that run until they reach a synchronisation point:
  *   __syncthreads(), __syncthreads_and(p)  every thread of the block that has not returned
  *   __shfl_down_sync(0xffffffff, v, d)     the 32 lanes of its warp, in lockstep:
  *                                          lane l gets lane l + d's v (its own if l + d > 31)
@@ -23,10 +23,13 @@
 #define PBN_CUDA_EMULATION_H_
 
 #include <sys/mman.h>
+#ifndef __x86_64__
 #include <ucontext.h>
+#endif
 
 #include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <functional>
@@ -63,13 +66,88 @@ constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr size_t kStackBytes = 256 * 1024;
 
+/* Tells TSan that `fiber` runs from now on; no happens-before edge. */
+inline void switch_fiber(void* fiber) {
+#ifdef __SANITIZE_THREAD__
+  __tsan_switch_to_fiber(fiber, __tsan_switch_to_fiber_no_sync);
+#else
+  (void)fiber;
+#endif
+}
+
+#ifdef __x86_64__
+/* emu_switch_stack(&from, to): pushes the callee-saved registers, parks this stack in *from and
+ * continues on `to` (parked so, or made by Context::start): swapcontext without its two
+ * system calls for the signal mask, which would take most of the emulation's time. */
+extern "C" void emu_switch_stack(void** from, void* to);
+asm(R"(
+  .pushsection .text
+  .weak emu_switch_stack
+  .type emu_switch_stack, @function
+emu_switch_stack:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size emu_switch_stack, .-emu_switch_stack
+  .popsection
+)");
+
+/* Where a suspended fiber (or the scheduler) continues. */
+struct Context {
+  void* sp = nullptr;
+
+  /* A fresh fiber on stack [base, base + size) that starts in entry(), which never returns. */
+  void start(char* base, size_t size, void (*entry)()) {
+    void** top = reinterpret_cast<void**>(reinterpret_cast<uintptr_t>(base + size) & ~uintptr_t{15});
+    *--top = nullptr;                       /* entry's return address */
+    *--top = reinterpret_cast<void*>(entry); /* where the first switch "returns" to */
+    for (int r = 0; r < 6; ++r) *--top = nullptr;
+    sp = top;
+  }
+  /* Continues `to`, which is TSan's `fiber`. */
+  static void jump(Context& from, Context& to, void* fiber) {
+    void* target = to.sp; /* read as the fiber that leaves */
+    switch_fiber(fiber);
+    emu_switch_stack(&from.sp, target);
+  }
+};
+#else
+struct Context {
+  ucontext_t context;
+
+  void start(char* base, size_t size, void (*entry)()) {
+    getcontext(&context);
+    context.uc_stack.ss_sp = base;
+    context.uc_stack.ss_size = size;
+    context.uc_link = nullptr;
+    makecontext(&context, entry, 0);
+  }
+  static void jump(Context& from, Context& to, void* fiber) {
+    switch_fiber(fiber);
+    swapcontext(&from.context, &to.context);
+  }
+};
+#endif
+
 enum Wait : int { kRunnable, kBarrier, kShuffle, kDone, kFailed };
 
 /* One CUDA thread. The fields a fiber and the scheduler hand each other while a block runs
  * are relaxed atomics: TSan neither reports them nor orders anything by them. */
 struct Thread {
   uint3 idx;
-  ucontext_t context;
+  Context context;
   void* fiber = nullptr;                   /* its TSan fiber */
   unsigned phase = 0;                      /* barriers passed in this block */
   std::atomic<int> wait{kRunnable};
@@ -85,7 +163,7 @@ struct Device {
   std::unique_ptr<Thread[]> threads;
   unsigned capacity = 0; /* threads (and stacks) allocated */
   char* stacks = nullptr;
-  ucontext_t scheduler;
+  Context scheduler;
   void* scheduler_fiber = nullptr;
   std::atomic<Thread*> current{nullptr};
   std::string error;
@@ -117,13 +195,6 @@ inline void release(void* sync) {
 #endif
 }
 
-inline void switch_fiber(void* fiber) {
-#ifdef __SANITIZE_THREAD__
-  __tsan_switch_to_fiber(fiber, __tsan_switch_to_fiber_no_sync);
-#else
-  (void)fiber;
-#endif
-}
 
 /* In a fiber: waits (`why`) until the scheduler resumes it. */
 inline void yield(Thread& t, Wait why) {
@@ -131,8 +202,7 @@ inline void yield(Thread& t, Wait why) {
   void* scheduler = d.scheduler_fiber;
   t.wait.store(why, std::memory_order_relaxed);
   release(&d.yield_sync); /* after the fiber's last access to what the scheduler writes */
-  switch_fiber(scheduler);
-  swapcontext(&t.context, &d.scheduler);
+  Context::jump(t.context, d.scheduler, scheduler);
 }
 
 /* In a fiber: stops the launch with `message`. */
@@ -187,8 +257,7 @@ inline void fiber_main() {
 
 inline void resume(Device& d, Thread& t) {
   d.current.store(&t, std::memory_order_relaxed);
-  switch_fiber(t.fiber);
-  swapcontext(&d.scheduler, &t.context);
+  Context::jump(d.scheduler, t.context, t.fiber);
 }
 
 /* Lets through every synchronisation point that all its participants have reached; false if
@@ -268,11 +337,7 @@ inline void reserve(Device& d, unsigned n) {
 #ifdef __SANITIZE_THREAD__
     t.fiber = __tsan_create_fiber(0);
 #endif
-    getcontext(&t.context);
-    t.context.uc_stack.ss_sp = d.stacks + i * kStackBytes;
-    t.context.uc_stack.ss_size = kStackBytes;
-    t.context.uc_link = nullptr;
-    makecontext(&t.context, fiber_main, 0);
+    t.context.start(d.stacks + i * kStackBytes, kStackBytes, fiber_main);
   }
 }
 
