@@ -396,7 +396,8 @@ def test_norm_forward_backward(backends, backend, shape, mode, plan):
         close('dgroup', got['dgroup'], want['dgroup'], 1e-4)
     # the progressive backward's rows: [sum dy, sum dy xhat] while training, untouched otherwise
     if training:
-        xhat = (x64 - mean.astype(np.float64)[None, :, None]) * invstd.astype(np.float64)[None, :, None]
+        per_channel = lambda v: v.astype(np.float64)[None, :, None]
+        xhat = (x64 - per_channel(mean)) * per_channel(invstd)
         rows = np.stack([dy64.sum(axis=(0, 2)), (dy64 * xhat).sum(axis=(0, 2))])
         close('grad_rows', got['grad_rows'], rows, 1e-4,
               scale=np.abs(dy64).sum(axis=(0, 2)).max())

@@ -110,7 +110,8 @@ struct Context {
 
   /* A fresh fiber on stack [base, base + size) that starts in entry(), which never returns. */
   void start(char* base, size_t size, void (*entry)()) {
-    void** top = reinterpret_cast<void**>(reinterpret_cast<uintptr_t>(base + size) & ~uintptr_t{15});
+    const uintptr_t aligned = reinterpret_cast<uintptr_t>(base + size) & ~uintptr_t{15};
+    void** top = reinterpret_cast<void**>(aligned);
     *--top = nullptr;                       /* entry's return address */
     *--top = reinterpret_cast<void*>(entry); /* where the first switch "returns" to */
     for (int r = 0; r < 6; ++r) *--top = nullptr;
@@ -285,7 +286,9 @@ inline bool pass_barriers(Device& d, unsigned n) {
   for (unsigned first = 0; first + kWarp <= n; first += kWarp) {
     Thread* lane = &d.threads[first];
     bool ready = true;
-    for (int l = 0; l < kWarp; ++l) ready &= lane[l].wait.load(std::memory_order_relaxed) == kShuffle;
+    for (int l = 0; l < kWarp; ++l) {
+      ready &= lane[l].wait.load(std::memory_order_relaxed) == kShuffle;
+    }
     if (!ready) continue;
     for (int l = 0; l < kWarp; ++l) {
       const unsigned src = l + lane[l].delta.load(std::memory_order_relaxed);
@@ -357,7 +360,9 @@ inline bool run_block(Device& d, unsigned n) {
       if (d.threads[i].wait.load(std::memory_order_relaxed) == kFailed) return false;
     }
     done = 0;
-    for (unsigned i = 0; i < n; ++i) done += d.threads[i].wait.load(std::memory_order_relaxed) == kDone;
+    for (unsigned i = 0; i < n; ++i) {
+      done += d.threads[i].wait.load(std::memory_order_relaxed) == kDone;
+    }
     if (done < n && !pass_barriers(d, n)) {
       d.error = stuck(d, n);
       return false;
