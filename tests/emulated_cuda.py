@@ -38,7 +38,11 @@ def build(source, kernels, build_dir, include_dirs=(), defines=(), sanitize=None
     command = ([os.environ.get('CXX', 'g++')] + flags + ['-include', HEADER]
                + ['-I' + d for d in include_dirs] + ['-D' + d for d in defines]
                + [driver, '-o', library])
-    result = subprocess.run(command, capture_output=True, text=True)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise RuntimeError('the CUDA emulation needs a C++20 compiler: %r not found (install '
+                           'g++ or set $CXX)' % command[0]) from None
     if result.returncode != 0:
         raise RuntimeError('compiling the emulated kernels failed:\n%s' % result.stderr[-4000:])
     return library
