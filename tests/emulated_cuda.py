@@ -1,7 +1,8 @@
 """CUDA kernels run on the CPU: a .cuh file compiled by g++ against the emulation of CUDA's
 execution model in tests/cuda_emulation/cuda_emulation.h, and launched through ctypes like
 CuPy's RawModule functions, ``module.get_function(name)(grid, block, args)``, with numpy
-arrays as device memory and numpy scalars of the kernel's parameter types.
+arrays as device memory, numpy scalars of the kernel's parameter types, and numpy structured
+scalars (np.void of an aligned structured dtype) for structs passed by value.
 
 ``Module(..., sanitize='thread')`` builds with ThreadSanitizer; loading that library needs a
 process started with libtsan preloaded (``tsan_preload()``)."""
@@ -65,6 +66,11 @@ class Kernel:
                 raise TypeError('%s: a contiguous %s array, not %s' % (
                     where, np.dtype(TYPES[code[1:]]), value.dtype))
             return ctypes.c_void_p(value.ctypes.data)
+        if code.startswith('S'):
+            if not isinstance(value, np.void) or value.dtype.itemsize != int(code[1:]):
+                raise TypeError('%s: a struct of %s bytes (a numpy structured scalar), not %r'
+                                % (where, code[1:], value))
+            return ctypes.create_string_buffer(value.tobytes(), value.dtype.itemsize)
         if np.asarray(value).dtype != TYPES[code]:
             raise TypeError('%s: a %s, not %r' % (where, np.dtype(TYPES[code]), value))
         return np.ctypeslib.as_ctypes_type(TYPES[code])(value)

@@ -53,6 +53,19 @@ EMULATED_SMS = 4
 SANITIZE = os.environ.get('PBN_EMULATION_SANITIZE')
 
 
+#: pbn_math.h's argument structs PbnNormForwardArgs and PbnNormBackwardArgs, field by field
+#: (PbnLayout, PbnMode, then the tensors' addresses), laid out as C lays them out
+_HEAD = [('outer', i64), ('channels', i64), ('inner', i64), ('training', i32),
+         ('local_stats', i32), ('fix_gamma', i32), ('eps', f32)]
+_addresses = lambda names: [(name, np.uintp) for name in names.split()]
+FORWARD_ARGS = np.dtype(_HEAD + _addresses(
+    'x gamma beta running_mean running_var local_weight is_inference group_sums batch_sums '
+    'y mean invstd'), align=True)
+BACKWARD_ARGS = np.dtype(
+    _HEAD + _addresses('dy x gamma local_weight is_inference mean invstd group_sums')
+    + [('group_rows', i32)] + _addresses('dx dgamma dbeta dgroup grad_rows'), align=True)
+
+
 def _has_device():
     try:
         return cupy is not None and cupy.cuda.runtime.getDeviceCount() > 0
@@ -68,6 +81,10 @@ class CudaDevice:
         self.sms = cupy.cuda.Device().attributes['MultiProcessorCount']
         self.asnumpy = cupy.asnumpy
 
+    @staticmethod
+    def address(a):
+        return a.data.ptr
+
     def load(self, source):
         module = cupy.RawModule(code=source, options=('-I' + cuda_source.CSRC,
                                                       '-D' + PLAN_MACRO))
@@ -82,6 +99,10 @@ class Emulation:
 
     def __init__(self, build_dir):
         self.build_dir = build_dir
+
+    @staticmethod
+    def address(a):
+        return a.ctypes.data
 
     def load(self, source):
         library = emulated_cuda.build(
@@ -104,6 +125,18 @@ class Kernels:
         self.threads = cuda_source.define(source, 'PBN_THREADS')
         self.fn = backend.load(source)
         self.xp, self.asnumpy, self.sms = backend.xp, backend.asnumpy, backend.sms
+        self.address = backend.address
+
+    def struct(self, dtype, **fields):
+        """(a C struct of `dtype` as a numpy structured scalar, the arrays it points to):
+        arrays become their addresses, None a null pointer; the caller keeps the arrays
+        alive while the struct is used."""
+        value = np.zeros((), dtype)
+        arrays = [v for v in fields.values() if isinstance(v, self.xp.ndarray)]
+        for name, v in fields.items():
+            value[name] = (0 if v is None else self.address(v)
+                           if isinstance(v, self.xp.ndarray) else v)
+        return value[()], arrays
 
     def array(self, a):
         """A copy on the backend, float32 unless `a` is float64 (the exchanged sums)."""
@@ -143,14 +176,18 @@ class Kernels:
         C, shape, coef, t, xp = k['C'], k['shape'], k['coef'], k['t'], self.xp
         out = dict(y=xp.empty_like(x), mean=xp.empty(C, f32), invstd=xp.empty(C, f32),
                    batch_sums=xp.full((3, C), -7.0, f64))
+        args = self.struct(
+            FORWARD_ARGS, outer=k['A'], channels=C, inner=k['B'], training=1,
+            local_stats=local_stats, fix_gamma=fix_gamma, eps=eps, x=x, gamma=gamma, beta=beta,
+            running_mean=rmean, running_var=rvar, local_weight=k['w'],
+            is_inference=k['is_inference'], group_sums=group, batch_sums=out['batch_sums'],
+            y=out['y'], mean=out['mean'], invstd=out['invstd'])
 
         def run():
             self.fn['pbn_moments_partial']((C, k['splits']), t, (
                 x, *shape, k['lanes'], k['partials']))
             self.fn['pbn_norm_forward_finalize']((k['channel_blocks'],), t, (
-                k['partials'], i32(k['splits']), x, *shape, gamma, beta, rmean, rvar, group,
-                k['w'], k['is_inference'], i32(local_stats), i32(fix_gamma), f32(eps),
-                out['batch_sums'], out['mean'], out['invstd'], coef))
+                k['partials'], i32(k['splits']), args[0], coef))
             self.fn['pbn_affine']((k['affine_blocks'],), t, (
                 x, out['y'], coef, f32(1.0), coef[C:], *shape, k['lanes']))
         return run, out
@@ -162,15 +199,18 @@ class Kernels:
         out = dict(dx=xp.empty_like(x), dgamma=xp.empty(C, f32), dbeta=xp.empty(C, f32),
                    dgroup=xp.full(group.shape, -7.0, f64),
                    grad_rows=xp.full((2, C), -7.0, f64))
+        args = self.struct(
+            BACKWARD_ARGS, outer=k['A'], channels=C, inner=k['B'], training=1,
+            local_stats=local_stats, fix_gamma=fix_gamma, dy=dy, x=x, gamma=gamma,
+            local_weight=k['w'], is_inference=k['is_inference'], mean=mean, invstd=invstd,
+            group_sums=group, group_rows=group.shape[0], dx=out['dx'], dgamma=out['dgamma'],
+            dbeta=out['dbeta'], dgroup=out['dgroup'], grad_rows=out['grad_rows'])
 
         def run():
             self.fn['pbn_grad_partial']((C, k['splits']), t, (
                 dy, x, mean, *shape, k['lanes'], k['partials']))
             self.fn['pbn_norm_backward_finalize']((k['channel_blocks'],), t, (
-                k['partials'], i32(k['splits']), i64(k['A'] * k['B']), i64(C), gamma, group,
-                i32(group.shape[0]), k['w'], k['is_inference'], i32(local_stats),
-                i32(fix_gamma), mean, invstd, out['dgamma'], out['dbeta'], out['dgroup'],
-                out['grad_rows'], coef))
+                k['partials'], i32(k['splits']), args[0], coef))
             self.fn['pbn_affine_dy']((k['affine_blocks'],), t, (
                 x, dy, out['dx'], coef, coef[C:], coef[2 * C:], *shape, k['lanes']))
         return run, out

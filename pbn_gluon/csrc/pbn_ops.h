@@ -113,42 +113,19 @@ inline int channel_axis(int axis, int ndim) {
   return (a >= 0 && a < ndim) ? a : -1;
 }
 
-/* A tensor seen as (outer, channels, inner) around its channel axis. */
-struct PbnLayout {
-  long outer, channels, inner;
-};
-
 /* --------------------------- one call, unpacked for its kernels ---------------------------- */
 
-/* pbn_batch_norm forward. mode.training is 1 here: the CPU callback reads is_inference on the
- * host, the GPU kernels on the device. `ok` is false (with an MX_ERROR_MSG) when a
- * per-channel input does not match the data's channels. */
-struct NormForward {
+/* pbn_batch_norm forward (pbn_math.h: PbnNormForwardArgs). `ok` is false (with an
+ * MX_ERROR_MSG) when a per-channel input does not match the data's channels. */
+struct NormForward : PbnNormForwardArgs {
   NormForward(const Attrs& attrs, std::vector<MXTensor>* in, std::vector<MXTensor>* out);
   bool ok;
-  PbnLayout l;
-  PbnMode mode;
-  const float *x, *gamma, *beta, *running_mean, *running_var, *local_weight, *is_inference;
-  const pbn_sum_t* group_sums;
-  pbn_sum_t* batch_sums;  /* 3 rows written while training */
-  float *y, *mean, *invstd;
 };
 
-/* pbn_batch_norm backward (mode.training as in NormForward). The kernels write dx, dgamma,
- * dbeta, every row of dgroup and, while training, grad_rows; the callback zeroes the gradients
- * of the inputs that have none (no_grad). */
-struct NormBackward {
+/* pbn_batch_norm backward (pbn_math.h: PbnNormBackwardArgs); the callback zeroes the
+ * gradients of the inputs that have none (no_grad). */
+struct NormBackward : PbnNormBackwardArgs {
   NormBackward(const Attrs& attrs, std::vector<MXTensor>* in, std::vector<MXTensor>* out);
-  PbnLayout l;
-  PbnMode mode;
-  const float *dy, *x, *gamma, *local_weight, *is_inference, *mean, *invstd;
-  const pbn_sum_t* group_sums;
-  int group_rows;
-  float *dx, *dgamma, *dbeta;
-  pbn_sum_t* dgroup;
-  /* rows 3, 4 of a 5-row batch_sums with local statistics (the progressive backward's
-   * [sum dy, sum dy xhat]), else null */
-  pbn_sum_t* grad_rows;
   std::vector<MXTensor*> no_grad;
 };
 

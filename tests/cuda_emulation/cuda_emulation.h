@@ -420,8 +420,8 @@ std::string launch_packed(dim3 grid, dim3 block, void** params) {
   }(Kernel);
 }
 
-/* A one-letter code of a kernel argument's type: f float, d double, i int, l long, pointers
- * with a leading 'P'. */
+/* A kernel argument type's code: f float, d double, i int, l long, pointers with a leading
+ * 'P', a struct passed by value S<its size in bytes>. */
 template <typename T>
 std::string type_code() {
   using U = std::remove_cv_t<T>;
@@ -430,6 +430,9 @@ std::string type_code() {
   else if constexpr (std::is_same_v<U, double>) return "d";
   else if constexpr (std::is_same_v<U, int>) return "i";
   else if constexpr (std::is_same_v<U, long>) return "l";
+  else if constexpr (std::is_class_v<U> && std::is_trivially_copyable_v<U>) {
+    return "S" + std::to_string(sizeof(U));
+  }
   else static_assert(sizeof(T) == 0, "a kernel argument type the emulation does not know");
 }
 
