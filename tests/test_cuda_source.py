@@ -1,6 +1,6 @@
-"""tests/cuda_source.py, which test_cuda_kernels.py (GPU only) reads its launch plan and kernel
-list with, on the real sources: runs everywhere, so a change to the CUDA files that the GPU
-test would no longer follow fails here too."""
+"""tests/cuda_source.py, which test_cuda_kernels.py reads its constants and kernel list with,
+on the real sources: a change to the CUDA files that the kernel test would no longer follow
+fails here."""
 import pytest
 
 import cuda_source
@@ -20,10 +20,11 @@ def test_define_reads_integer_constants():
 
 def test_the_launch_plan_constants_are_in_the_kernel_header():
     for name in ('PBN_THREADS', 'PBN_ILP', 'PBN_REDUCTION_BLOCKS_PER_SM',
-                 'PBN_AFFINE_BLOCKS_PER_SM', 'PBN_MAX_GRID_Y'):
+                 'PBN_AFFINE_BLOCKS_PER_SM', 'PBN_MAX_GRID_Y', 'PBN_MAX_RUNNING_BLOCKS'):
         assert cuda_source.define(KERNELS, name) > 0
     assert cuda_source.define(KERNELS, 'PBN_THREADS') % 32 == 0     # whole warps
-    assert 'pbn_plan(' in LAUNCHER      # the launcher plans with the header's pbn_plan
+    # the launcher plans with the header's functions, which the kernel test reads back
+    assert 'pbn_plan(' in LAUNCHER and 'pbn_running_blocks(' in LAUNCHER
 
 
 def test_kernel_and_launch_parsing():

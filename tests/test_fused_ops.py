@@ -185,6 +185,30 @@ def test_batch_sums_gradient():
                                + 2 * x * dsums[1].reshape(shape), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('op,attrs,error', [
+    ('pbn_batch_norm', dict(axis=1, local_stat=0),
+     "pbn_batch_norm: unknown attribute 'local_stat' (it takes axis, local_stats, fix_gamma, eps)"),
+    ('pbn_batch_sums', dict(eps=1e-3), "pbn_batch_sums: unknown attribute 'eps' (it takes axis)"),
+    ('pbn_take_sums', dict(axis=1), "pbn_take_sums: unknown attribute 'axis' (it takes no "
+                                    "attributes)"),
+    ('pbn_batch_norm', dict(eps='small'), "pbn_batch_norm: attribute eps='small' is not a number"),
+    ('pbn_batch_sums', dict(axis=1.5), "pbn_batch_sums: attribute axis='1.5' is not a number")])
+def test_an_unknown_or_malformed_attribute_is_an_error_naming_it(op, attrs, error):
+    """Each operator family takes its own attributes (pbn_ops.h); a typo is not ignored."""
+    x = nd.ones((2, 3, 4))
+    data = {'pbn_batch_sums': [x], 'pbn_take_sums': [nd.zeros(9, dtype='float64')],
+            'pbn_batch_norm': op_contract.inputs(
+                'pbn_batch_norm', data=x, gamma=nd.ones(3), beta=nd.zeros(3),
+                running_mean=nd.zeros(3), running_var=nd.ones(3),
+                group_sums=nd.zeros((3, 3), dtype='float64'), local_weight=nd.ones(1),
+                is_inference=nd.array([op_contract.mode_value(True)]),
+                batch_sums=nd.zeros(9, dtype='float64'))}[op]
+    with pytest.raises(mx.base.MXNetError) as info:
+        getattr(nd, op)(*data, **attrs)[0].wait_to_read()
+    assert error in str(info.value)
+    getattr(nd, op)(*data)[0].wait_to_read()      # the defaults are accepted
+
+
 @pytest.mark.parametrize('norm,expected', [
     (pbn_gluon.ProgressiveBatchNorm, ['_copy', '_copy', 'ones_like', 'BatchNorm', 'BlockGrad',
                                       'pbn_batch_norm']),

@@ -102,9 +102,7 @@ PBN_CALLBACK(norm_forward_gpu) {
   Passes s(l, res);
   if (!s.moments(f.x, 2, res)) return MX_FAIL;
   pbn_norm_forward_finalize<<<s.p.channel_blocks, PBN_THREADS, 0, s.stream>>>(
-      s.partials, s.p.splits, f.x, l.outer, l.channels, l.inner, f.gamma, f.beta,
-      f.running_mean, f.running_var, f.group_sums, f.local_weight, f.is_inference,
-      f.mode.local_stats, f.mode.fix_gamma, f.mode.eps, f.batch_sums, f.mean, f.invstd, s.coef);
+      s.partials, s.p.splits, static_cast<const PbnNormForwardArgs&>(f), s.coef);
   pbn_affine<<<s.p.affine_blocks, PBN_THREADS, 0, s.stream>>>(
       f.x, f.y, s.coef, 1.f, s.coef + l.channels, l.outer, l.channels, l.inner, s.p.lanes);
   return launched("the CUDA kernels of pbn_batch_norm (forward)");
@@ -123,9 +121,7 @@ PBN_CALLBACK(norm_backward_gpu) {
       b.dy, b.x, b.mean, l.outer, l.channels, l.inner, s.p.lanes, s.partials);
   /* the kernel writes grad_rows only while training (it reads is_inference) */
   pbn_norm_backward_finalize<<<s.p.channel_blocks, PBN_THREADS, 0, s.stream>>>(
-      s.partials, s.p.splits, l.outer * l.inner, l.channels, b.gamma, b.group_sums,
-      b.group_rows, b.local_weight, b.is_inference, b.mode.local_stats, b.mode.fix_gamma,
-      b.mean, b.invstd, b.dgamma, b.dbeta, b.dgroup, b.grad_rows, s.coef);
+      s.partials, s.p.splits, static_cast<const PbnNormBackwardArgs&>(b), s.coef);
   pbn_affine_dy<<<s.p.affine_blocks, PBN_THREADS, 0, s.stream>>>(
       b.x, b.dy, b.dx, s.coef, s.coef + l.channels, s.coef + 2 * l.channels, l.outer,
       l.channels, l.inner, s.p.lanes);
@@ -155,8 +151,7 @@ PBN_CALLBACK(sums_backward_gpu) {
 
 PBN_CALLBACK(running_update_gpu) {
   RunningUpdate u(inputs, outputs);
-  const long blocks = pbn_max(1, pbn_min((u.t + PBN_THREADS - 1) / PBN_THREADS, 4096));
-  pbn_running_update<<<static_cast<unsigned>(blocks), PBN_THREADS, 0, res.get_cuda_stream()>>>(
+  pbn_running_update<<<pbn_running_blocks(u.t), PBN_THREADS, 0, res.get_cuda_stream()>>>(
       u.stats, u.gather, u.momentum, u.t, u.running_mean, u.running_var, u.channel_count);
   if (launched("the CUDA kernel of pbn_running_update") != MX_SUCCESS) return MX_FAIL;
   return zero(u.stats, u.stats_size * sizeof(pbn_sum_t), res);

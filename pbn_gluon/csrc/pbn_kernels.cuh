@@ -12,6 +12,7 @@
  *   pbn_grad_partial           grid (C, splits): sums of dy and dy (x - mean[c]) -> partials
  *   pbn_norm_forward_finalize  per channel: mean, invstd, batch_sums, y = coef0 x + coef1
  *   pbn_norm_backward_finalize per channel: dgamma, dbeta, dgroup, dx = coef0 x + coef1 + coef2 dy
+ *                              (both take the call's tensors as pbn_math.h's argument structs)
  *   pbn_sums_finalize          per channel: [sum x, sum x^2, count]
  *   pbn_affine, pbn_affine_dy  elementwise over all A * C rows, grid-stride:
  *                              out = s x_coef[c] x + offset[c] (+ dy_coef[c] dy)
@@ -30,11 +31,12 @@
 #define PBN_THREADS 256
 #define PBN_ILP 4 /* units a thread loads before it adds them up */
 
-/* The launch plan (pbn_plan), which pbn_cuda.cu launches with and tests/test_cuda_kernels.py
- * reads back through pbn_launch_plan. */
+/* The launch plan (pbn_plan, pbn_running_blocks), which pbn_cuda.cu launches with and
+ * tests/test_cuda_kernels.py reads back through pbn_launch_plan. */
 #define PBN_REDUCTION_BLOCKS_PER_SM 4 /* C * splits ~ this many reduction blocks per SM */
 #define PBN_AFFINE_BLOCKS_PER_SM 8    /* 8 x 256 threads: a full H100/A100 SM */
 #define PBN_MAX_GRID_Y 65535
+#define PBN_MAX_RUNNING_BLOCKS 4096   /* pbn_running_update strides over more channels */
 
 /* How the passes over one (A, C, B) tensor are cut up on a device of `sms` multiprocessors. */
 struct PbnPlan {
@@ -63,15 +65,24 @@ PBN_HD PbnPlan pbn_plan(long A, long C, long B, long sms) {
   return p;
 }
 
+/* Blocks of pbn_running_update for the T channels of a net. */
+PBN_HD unsigned pbn_running_blocks(long T) {
+  return (unsigned)pbn_max(1, pbn_min((T + PBN_THREADS - 1) / PBN_THREADS,
+                                      PBN_MAX_RUNNING_BLOCKS));
+}
+
 #ifdef PBN_LAUNCH_PLAN_KERNEL
 /* For tests/test_cuda_kernels.py only (compiled with -DPBN_LAUNCH_PLAN_KERNEL): plan =
- * [lanes, splits, affine_blocks, channel_blocks] of pbn_plan. */
-extern "C" __global__ void pbn_launch_plan(long A, long C, long B, long sms, long* plan) {
+ * [lanes, splits, affine_blocks, channel_blocks] of pbn_plan(A, C, B, sms), and
+ * pbn_running_blocks(T). */
+extern "C" __global__ void pbn_launch_plan(long A, long C, long B, long sms, long T,
+                                           long* plan) {
   const PbnPlan p = pbn_plan(A, C, B, sms);
   plan[0] = p.lanes;
   plan[1] = p.splits;
   plan[2] = p.affine_blocks;
   plan[3] = p.channel_blocks;
+  plan[4] = pbn_running_blocks(T);
 }
 #endif
 
@@ -186,78 +197,65 @@ __device__ __forceinline__ void pbn_combine(const float* partials, int splits, l
   *s2 = b;
 }
 
-__device__ __forceinline__ PbnMode pbn_mode(const float* is_inference, int local_stats,
-                                            int fix_gamma, float eps) {
-  PbnMode mode;
+/* The call's mode with training read on the device (is_inference). */
+__device__ __forceinline__ PbnMode pbn_device_mode(PbnMode mode, const float* is_inference) {
   mode.training = pbn_is_training(is_inference[0]);
-  mode.local_stats = local_stats;
-  mode.fix_gamma = fix_gamma;
-  mode.eps = eps;
   return mode;
 }
 
-/* mu, r per channel (pbn_forward_channel); coef = [gamma r ; beta - mu gamma r] (2 rows of C)
- * so that y = coef0 x + coef1. batch_sums (3 rows of C) is written while training: this batch's
- * sums (PBN) or the group sums (SyncBN). */
-extern "C" __global__ void pbn_norm_forward_finalize(
-    const float* __restrict__ partials, int splits, const float* __restrict__ x, long A, long C,
-    long B, const float* __restrict__ gamma, const float* __restrict__ beta,
-    const float* __restrict__ running_mean, const float* __restrict__ running_var,
-    const pbn_sum_t* __restrict__ group_sums, const float* __restrict__ local_weight,
-    const float* __restrict__ is_inference, int local_stats, int fix_gamma, float eps,
-    pbn_sum_t* __restrict__ batch_sums, float* __restrict__ mean, float* __restrict__ invstd,
-    float* __restrict__ coef) {
-  const PbnMode mode = pbn_mode(is_inference, local_stats, fix_gamma, eps);
-  const double w = local_weight[0];
-  const long n = A * B;
+/* mu, r per channel (pbn_forward_channel) from the partials of x's moments; coef = [gamma r ;
+ * beta - mu gamma r] (2 rows of C) so that y = coef0 x + coef1. batch_sums is written while
+ * training: this batch's sums (PBN) or the group sums (SyncBN). */
+extern "C" __global__ void pbn_norm_forward_finalize(const float* __restrict__ partials,
+                                                     int splits, PbnNormForwardArgs f,
+                                                     float* __restrict__ coef) {
+  const PbnMode mode = pbn_device_mode(f.mode, f.is_inference);
+  const double w = f.local_weight[0];
+  const long C = f.l.channels, B = f.l.inner, n = f.l.outer * B;
   for (long c = blockIdx.x * (long)blockDim.x + threadIdx.x; c < C;
        c += (long)gridDim.x * blockDim.x) {
     double shift = 0.0, s1 = 0.0, s2 = 0.0, mu, r, sums[3];
     if (mode.training && mode.local_stats && n > 0) {
-      shift = x[c * B];
+      shift = f.x[c * B];
       pbn_combine(partials, splits, C, c, &s1, &s2);
     }
-    pbn_forward_channel(mode, shift, s1, s2, (double)n, group_sums + c, C, w, running_mean[c],
-                        running_var[c], &mu, &r, sums);
+    pbn_forward_channel(mode, shift, s1, s2, (double)n, f.group_sums + c, C, w,
+                        f.running_mean[c], f.running_var[c], &mu, &r, sums);
     if (mode.training) {
-      for (int k = 0; k < 3; ++k) batch_sums[k * C + c] = sums[k];
+      for (int k = 0; k < 3; ++k) f.batch_sums[k * C + c] = sums[k];
     }
-    mean[c] = (float)mu;
-    invstd[c] = (float)r;
-    const double g = mode.fix_gamma ? 1.0 : gamma[c];
+    f.mean[c] = (float)mu;
+    f.invstd[c] = (float)r;
+    const double g = mode.fix_gamma ? 1.0 : f.gamma[c];
     coef[c] = (float)(g * r);
-    coef[C + c] = (float)(beta[c] - mu * g * r);
+    coef[C + c] = (float)(f.beta[c] - mu * g * r);
   }
 }
 
-/* pbn_backward_channel per channel: dgamma, dbeta, dgroup rows 0 and 1 (the other rows 0),
- * and coef = [x_coef ; offset ; dy_coef] (3 rows of C): dx = dy_coef dy + x_coef x + offset. grad_rows (2 rows of C, or
- * null): this device's [sum dy, sum dy xhat] for the progressive backward, while training. */
-extern "C" __global__ void pbn_norm_backward_finalize(
-    const float* __restrict__ partials, int splits, long n, long C,
-    const float* __restrict__ gamma, const pbn_sum_t* __restrict__ group_sums, int group_rows,
-    const float* __restrict__ local_weight, const float* __restrict__ is_inference,
-    int local_stats, int fix_gamma, const float* __restrict__ mean,
-    const float* __restrict__ invstd, float* __restrict__ dgamma, float* __restrict__ dbeta,
-    pbn_sum_t* __restrict__ dgroup, pbn_sum_t* __restrict__ grad_rows,
-    float* __restrict__ coef) {
-  const PbnMode mode = pbn_mode(is_inference, local_stats, fix_gamma, 0.f);
-  const double w = local_weight[0];
+/* pbn_backward_channel per channel from the partials of (dy, dy (x - mean)): dgamma, dbeta,
+ * dgroup rows 0 and 1 (the other rows 0), grad_rows while training, and coef = [x_coef ;
+ * offset ; dy_coef] (3 rows of C): dx = dy_coef dy + x_coef x + offset. */
+extern "C" __global__ void pbn_norm_backward_finalize(const float* __restrict__ partials,
+                                                      int splits, PbnNormBackwardArgs b,
+                                                      float* __restrict__ coef) {
+  const PbnMode mode = pbn_device_mode(b.mode, b.is_inference);
+  const double w = b.local_weight[0];
+  const long C = b.l.channels, n = b.l.outer * b.l.inner;
   for (long c = blockIdx.x * (long)blockDim.x + threadIdx.x; c < C;
        c += (long)gridDim.x * blockDim.x) {
     double sdy, sdyxc, dy_coef, x_coef, offset, dg, db, dg0, dg1;
     pbn_combine(partials, splits, C, c, &sdy, &sdyxc);
-    pbn_backward_channel(mode, sdy, sdyxc, (double)n, group_sums + c, C, group_rows, w,
-                         gamma[c], mean[c], invstd[c], &dy_coef, &x_coef, &offset, &dg, &db,
-                         &dg0, &dg1);
-    dgamma[c] = (float)dg;
-    dbeta[c] = (float)db;
-    for (int row = 0; row < group_rows; ++row) {
-      dgroup[row * C + c] = row == 0 ? dg0 : row == 1 ? dg1 : 0.0;
+    pbn_backward_channel(mode, sdy, sdyxc, (double)n, b.group_sums + c, C, b.group_rows, w,
+                         b.gamma[c], b.mean[c], b.invstd[c], &dy_coef, &x_coef, &offset, &dg,
+                         &db, &dg0, &dg1);
+    b.dgamma[c] = (float)dg;
+    b.dbeta[c] = (float)db;
+    for (int row = 0; row < b.group_rows; ++row) {
+      b.dgroup[row * C + c] = row == 0 ? dg0 : row == 1 ? dg1 : 0.0;
     }
-    if (grad_rows != nullptr && mode.training) {
-      grad_rows[c] = sdy;
-      grad_rows[C + c] = sdyxc * invstd[c];
+    if (b.grad_rows != nullptr && mode.training) {
+      b.grad_rows[c] = sdy;
+      b.grad_rows[C + c] = sdyxc * b.invstd[c];
     }
     coef[c] = (float)x_coef;
     coef[C + c] = (float)offset;

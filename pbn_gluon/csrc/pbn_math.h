@@ -46,6 +46,38 @@ struct PbnMode {
   float eps;
 };
 
+/* A tensor seen as (outer, channels, inner) around its channel axis. */
+struct PbnLayout {
+  long outer, channels, inner;
+};
+
+/* One pbn_batch_norm forward call's tensors, unpacked (pbn_ops.h: NormForward fills them from
+ * MXNet's; the CPU loop and the CUDA finalize kernel take them). mode.training is 1 here:
+ * each callback reads is_inference where it runs. batch_sums: 3 rows written while training. */
+struct PbnNormForwardArgs {
+  PbnLayout l;
+  PbnMode mode;
+  const float *x, *gamma, *beta, *running_mean, *running_var, *local_weight, *is_inference;
+  const pbn_sum_t* group_sums;
+  pbn_sum_t* batch_sums;
+  float *y, *mean, *invstd;
+};
+
+/* One pbn_batch_norm backward call's tensors (mode.training as above). The kernels write dx,
+ * dgamma, dbeta, every row of dgroup and, while training, grad_rows: rows 3, 4 of a 5-row
+ * batch_sums with local statistics (the progressive backward's [sum dy, sum dy xhat]), else
+ * null. */
+struct PbnNormBackwardArgs {
+  PbnLayout l;
+  PbnMode mode;
+  const float *dy, *x, *gamma, *local_weight, *is_inference, *mean, *invstd;
+  const pbn_sum_t* group_sums;
+  int group_rows;
+  float *dx, *dgamma, *dbeta;
+  pbn_sum_t* dgroup;
+  pbn_sum_t* grad_rows;
+};
+
 /* The weight of this device's moments that a channel actually uses: 1 while the group sums
  * are empty (the first step), 0 in inference and in sync mode. */
 PBN_HD double pbn_effective_weight(const PbnMode& mode, double w, double group_count) {

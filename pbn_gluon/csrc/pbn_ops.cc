@@ -47,9 +47,13 @@
  * put a native identity in front of an input whose gradient is accumulated (grad_req 'add').
  */
 #include <algorithm>
+#include <climits>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "mxnet/lib_api.h"
@@ -80,19 +84,67 @@ CustomOp& op(const char* name) {
   return registry->add(name);
 }
 
-OpParams::OpParams(const Attrs& attrs) {
-  auto flag = [&](const char* key, int* out) {
-    auto it = attrs.find(key);
-    if (it == attrs.end()) return;
-    const std::string& v = it->second;
-    *out = v == "True" || v == "true" ? 1 : v == "False" || v == "false" ? 0 : std::stoi(v);
-  };
-  flag("axis", &axis);
-  flag("local_stats", &local_stats);
-  flag("fix_gamma", &fix_gamma);
-  auto it = attrs.find("eps");
-  if (it != attrs.end()) eps = std::stof(it->second);
+namespace {
+
+/* Reads `value` into `out`; false if it is not a whole number (or True/False). */
+bool read_value(const std::string& value, int* out) {
+  if (value == "True" || value == "true" || value == "False" || value == "false") {
+    *out = value[0] == 'T' || value[0] == 't';
+    return true;
+  }
+  char* end = nullptr;
+  const long v = std::strtol(value.c_str(), &end, 10);
+  if (value.empty() || *end != '\0' || v < INT_MIN || v > INT_MAX) return false;
+  *out = static_cast<int>(v);
+  return true;
 }
+
+bool read_value(const std::string& value, float* out) {
+  char* end = nullptr;
+  *out = std::strtof(value.c_str(), &end);
+  return !value.empty() && *end == '\0';
+}
+
+/* An attribute struct's fields: name, and a reader that stores a value (false if malformed). */
+using Fields = std::vector<std::pair<const char*, std::function<bool(const std::string&)>>>;
+
+/* Checks every attribute against `fields`; an MX_ERROR_MSG names `op`, the unknown attributes
+ * with the ones it takes, and values that are not numbers. */
+bool parse_fields(const char* op, const Attrs& attrs, const Fields& fields) {
+  std::string unknown, malformed, known;
+  for (const auto& f : fields) known += std::string(known.empty() ? "" : ", ") + f.first;
+  for (const auto& kv : attrs) {
+    if (kv.first.rfind("__", 0) == 0) continue; /* MXNet's hidden attributes */
+    auto f = std::find_if(fields.begin(), fields.end(),
+                          [&](const auto& field) { return kv.first == field.first; });
+    if (f == fields.end()) {
+      unknown += std::string(unknown.empty() ? "" : ", ") + "'" + kv.first + "'";
+    } else if (!f->second(kv.second)) {
+      malformed += std::string(malformed.empty() ? "" : ", ") + kv.first + "='" + kv.second + "'";
+    }
+  }
+  if (op != nullptr && !unknown.empty()) {
+    MX_ERROR_MSG << op << ": unknown attribute " << unknown << " (it takes "
+                 << (known.empty() ? "no attributes" : known) << ")";
+  } else if (op != nullptr && !malformed.empty()) {
+    MX_ERROR_MSG << op << ": attribute " << malformed << " is not a number";
+  }
+  return unknown.empty() && malformed.empty();
+}
+
+}  // namespace
+
+#define PBN_READER(type, name, value, description) \
+  {#name, [this](const std::string& v) { return read_value(v, &name); }},
+#define PBN_PARSE(Name, LIST)                                   \
+  bool Name::parse(const char* op, const Attrs& attrs) {        \
+    return parse_fields(op, attrs, {LIST(PBN_READER)});         \
+  }
+PBN_PARSE(NormParams, PBN_NORM_PARAMS)
+PBN_PARSE(SumsParams, PBN_SUMS_PARAMS)
+PBN_PARSE(NoParams, PBN_NO_PARAMS)
+#undef PBN_PARSE
+#undef PBN_READER
 
 size_t nbytes(const MXTensor& t) {
   return t.size() * (t.dtype == kFloat64 ? sizeof(double) : sizeof(float));
@@ -108,12 +160,12 @@ PbnLayout layout_of(const Shape& shape, int axis) {
   return l;
 }
 
-/* The (outer, channels, inner) view of `t` around the operator's channel axis. */
-PbnLayout data_layout(const OpParams& params, const MXTensor& t) {
-  return layout_of(t.shape, params.channel_axis(static_cast<int>(t.shape.size())));
+/* The (outer, channels, inner) view of `t` around channel axis `axis`. */
+PbnLayout data_layout(int axis, const MXTensor& t) {
+  return layout_of(t.shape, channel_axis(axis, static_cast<int>(t.shape.size())));
 }
 
-PbnMode mode_of(const OpParams& params) {
+PbnMode mode_of(const NormParams& params) {
   PbnMode mode;
   mode.training = 1;
   mode.local_stats = params.local_stats;
@@ -152,8 +204,8 @@ bool norm_sizes_ok(const std::vector<MXTensor>& in, const PbnLayout& l) {
 
 NormForward::NormForward(const Attrs& attrs, std::vector<MXTensor>* in,
                          std::vector<MXTensor>* out) {
-  const OpParams params(attrs);
-  l = data_layout(params, in->at(kData));
+  const NormParams params(attrs);
+  l = data_layout(params.axis, in->at(kData));
   mode = mode_of(params);
   ok = norm_sizes_ok(*in, l);
   x = in->at(kData).data<float>();
@@ -172,9 +224,9 @@ NormForward::NormForward(const Attrs& attrs, std::vector<MXTensor>* in,
 
 NormBackward::NormBackward(const Attrs& attrs, std::vector<MXTensor>* in,
                            std::vector<MXTensor>* out) {
-  const OpParams params(attrs);
+  const NormParams params(attrs);
   MXTensor& data = in->at(kFwdInputs + kData);
-  l = data_layout(params, data);
+  l = data_layout(params.axis, data);
   mode = mode_of(params);
   dy = in->at(kGradOut + kOut).data<float>();
   x = data.data<float>();
@@ -200,12 +252,12 @@ NormBackward::NormBackward(const Attrs& attrs, std::vector<MXTensor>* in,
 
 SumsForward::SumsForward(const Attrs& attrs, std::vector<MXTensor>* in,
                          std::vector<MXTensor>* out)
-    : l(data_layout(OpParams(attrs), in->at(kSumsData))),
+    : l(data_layout(SumsParams(attrs).axis, in->at(kSumsData))),
       x(in->at(kSumsData).data<float>()), sums(out->at(kSums).data<pbn_sum_t>()) {}
 
 SumsBackward::SumsBackward(const Attrs& attrs, std::vector<MXTensor>* in,
                            std::vector<MXTensor>* out)
-    : l(data_layout(OpParams(attrs), in->at(kFwdSumsData + kSumsData))),
+    : l(data_layout(SumsParams(attrs).axis, in->at(kFwdSumsData + kSumsData))),
       dsums(in->at(kGradSums + kSums).data<pbn_sum_t>()),
       x(in->at(kFwdSumsData + kSumsData).data<float>()),
       dx(out->at(kSumsData).data<float>()) {}
@@ -236,14 +288,6 @@ namespace {
 
 /* ---------------------------------- attributes and shapes ------------------------------- */
 
-/* parseAttrs: the operator's fixed numbers of inputs and outputs. */
-template <int kInputs, int kOutputs>
-MXReturnValue counts(const Attrs&, int* num_in, int* num_out) {
-  *num_in = kInputs;
-  *num_out = kOutputs;
-  return MX_SUCCESS;
-}
-
 /* mutateInputs: the inputs an operator writes (its auxiliary states). */
 template <int... kIndices>
 MXReturnValue mutates(const Attrs&, std::vector<int>* indices) {
@@ -269,30 +313,14 @@ MXReturnValue typed(const char* op, const char* in, const char* out, std::vector
   return MX_SUCCESS;
 }
 
-/* inferType of an operator, from its contract's dtypes. */
-#define PBN_DTYPE(id, name, dtype) dtype,
-#define PBN_TYPES(fn, op, INPUTS, OUTPUTS)                                                 \
-  MXReturnValue fn(const Attrs&, std::vector<int>* in_types, std::vector<int>* out_types) { \
-    static const char in[] = {INPUTS(PBN_DTYPE) 0}, out[] = {OUTPUTS(PBN_DTYPE) 0};        \
-    return typed(#op, in, out, in_types, out_types);                                       \
-  }
-PBN_TYPES(norm_types, pbn_batch_norm, PBN_NORM_INPUTS, PBN_NORM_OUTPUTS)
-PBN_TYPES(sums_types, pbn_batch_sums, PBN_SUMS_INPUTS, PBN_SUMS_OUTPUTS)
-PBN_TYPES(running_types, pbn_running_update, PBN_RUNNING_INPUTS, PBN_RUNNING_OUTPUTS)
-PBN_TYPES(take_types, pbn_take_sums, PBN_TAKE_INPUTS, PBN_TAKE_OUTPUTS)
-PBN_TYPES(accept_types, pbn_accept_sums, PBN_ACCEPT_INPUTS, PBN_ACCEPT_OUTPUTS)
-#undef PBN_TYPES
-#undef PBN_DTYPE
-
 /* The shapes inferShape fills and checks, one per input or output. */
 using Shapes = std::vector<std::vector<unsigned int>>;
 
-/* The channel axis of `op`'s data of shape `data`, or -1 (with an MX_ERROR_MSG). */
-int channel_axis_of(const char* op, const Attrs& attrs, const std::vector<unsigned int>& data) {
-  const OpParams params(attrs);
-  int axis = params.channel_axis(static_cast<int>(data.size()));
+/* The channel axis `given` of `op`'s data of shape `data`, or -1 (with an MX_ERROR_MSG). */
+int channel_axis_of(const char* op, int given, const std::vector<unsigned int>& data) {
+  int axis = channel_axis(given, static_cast<int>(data.size()));
   if (data.size() < 2 || axis < 0) {
-    MX_ERROR_MSG << op << ": axis " << params.axis << " does not fit an input of "
+    MX_ERROR_MSG << op << ": axis " << given << " does not fit an input of "
                  << data.size() << " dims";
     return -1;
   }
@@ -302,7 +330,7 @@ int channel_axis_of(const char* op, const Attrs& attrs, const std::vector<unsign
 /* The per-channel inputs' shapes from the data's (deferred initialisation), checked. */
 MXReturnValue norm_shape(const Attrs& attrs, Shapes* in, Shapes* out) {
   const auto& data = in->at(kData);
-  const int axis = channel_axis_of("pbn_batch_norm", attrs, data);
+  const int axis = channel_axis_of("pbn_batch_norm", NormParams(attrs).axis, data);
   if (axis < 0) return MX_FAIL;
   /* MXNet hands an unknown dimension over as -1 (legacy shapes: 0) */
   auto known = [](const std::vector<unsigned int>& s) {
@@ -336,7 +364,7 @@ MXReturnValue norm_shape(const Attrs& attrs, Shapes* in, Shapes* out) {
 
 MXReturnValue sums_shape(const Attrs& attrs, Shapes* in, Shapes* out) {
   const auto& data = in->at(kSumsData);
-  const int axis = channel_axis_of("pbn_batch_sums", attrs, data);
+  const int axis = channel_axis_of("pbn_batch_sums", SumsParams(attrs).axis, data);
   if (axis < 0) return MX_FAIL;
   out->assign(kNumSumsOutputs, {3u, data[axis]});
   return MX_SUCCESS;
@@ -590,45 +618,51 @@ PBN_CALLBACK(accept_sums_cpu) {
   return MX_SUCCESS;
 }
 
-}  // namespace
+/* Registers operator `name`'s CPU side (its GPU callbacks are registered in pbn_cuda.cu):
+ * parseAttrs, inferType, inferShape, the inputs it writes (or null) and its callbacks
+ * (backward or null). */
+bool define_cpu(const char* name, parseAttrs_t attrs, inferType_t types, inferShape_t shape,
+                mutateInputs_t mutated, fcomp_t forward, fcomp_t backward) {
+  CustomOp& op = pbn::op(name);
+  op.setParseAttrs(attrs).setInferType(types).setInferShape(shape).setForward(forward, "cpu");
+  if (mutated != nullptr) op.setMutateInputs(mutated);
+  if (backward != nullptr) op.setBackward(backward, "cpu");
+  return true;
+}
 
-/* The GPU callbacks are registered in pbn_cuda.cu. */
-PBN_OP(pbn_batch_norm)
-    .setParseAttrs(counts<kNumNormInputs, kNumNormOutputs>)
-    .setInferType(norm_types)
-    .setInferShape(norm_shape)
-    .setMutateInputs(mutates<kBatchSums>)
-    .setForward(norm_forward_cpu, "cpu")
-    .setBackward(norm_backward_cpu, "cpu");
+/* Operator Name: its attributes (PARAMS, a struct of pbn_ops.h), its inputs' and outputs'
+ * counts and dtypes (its contract lists), and the rest for define_cpu. */
+#define PBN_DTYPE(id, name, dtype) dtype,
+#define PBN_CPU_OP(Name, PARAMS, INPUTS, OUTPUTS, shape, mutated, forward, backward)          \
+  MXReturnValue Name##_attrs(const Attrs& attrs, int* num_in, int* num_out) {               \
+    static const char in[] = {INPUTS(PBN_DTYPE) 0}, out[] = {OUTPUTS(PBN_DTYPE) 0};         \
+    *num_in = static_cast<int>(sizeof(in)) - 1;                                              \
+    *num_out = static_cast<int>(sizeof(out)) - 1;                                            \
+    return PARAMS().parse(#Name, attrs) ? MX_SUCCESS : MX_FAIL;                              \
+  }                                                                                          \
+  MXReturnValue Name##_types(const Attrs&, std::vector<int>* in_types,                      \
+                             std::vector<int>* out_types) {                                  \
+    static const char in[] = {INPUTS(PBN_DTYPE) 0}, out[] = {OUTPUTS(PBN_DTYPE) 0};         \
+    return typed(#Name, in, out, in_types, out_types);                                       \
+  }                                                                                          \
+  const bool Name##_defined =                                                                \
+      define_cpu(#Name, Name##_attrs, Name##_types, shape, mutated, forward, backward);
 
-PBN_OP(pbn_batch_sums)
-    .setParseAttrs(counts<kNumSumsInputs, kNumSumsOutputs>)
-    .setInferType(sums_types)
-    .setInferShape(sums_shape)
-    .setForward(sums_forward_cpu, "cpu")
-    .setBackward(sums_backward_cpu, "cpu");
-
+PBN_CPU_OP(pbn_batch_norm, NormParams, PBN_NORM_INPUTS, PBN_NORM_OUTPUTS, norm_shape,
+           mutates<kBatchSums>, norm_forward_cpu, norm_backward_cpu)
+PBN_CPU_OP(pbn_batch_sums, SumsParams, PBN_SUMS_INPUTS, PBN_SUMS_OUTPUTS, sums_shape, nullptr,
+           sums_forward_cpu, sums_backward_cpu)
 /* MXNet operators need an output: the channel count T, shape (1,) */
-PBN_OP(pbn_running_update)
-    .setParseAttrs(counts<kNumRunningInputs, kNumRunningOutputs>)
-    .setInferType(running_types)
-    .setInferShape(running_shape)
-    .setMutateInputs(mutates<kStats, kRunningMeanAll, kRunningVarAll>)
-    .setForward(running_update_cpu, "cpu");
+PBN_CPU_OP(pbn_running_update, NoParams, PBN_RUNNING_INPUTS, PBN_RUNNING_OUTPUTS, running_shape,
+           (mutates<kStats, kRunningMeanAll, kRunningVarAll>), running_update_cpu, nullptr)
+PBN_CPU_OP(pbn_take_sums, NoParams, PBN_TAKE_INPUTS, PBN_TAKE_OUTPUTS, take_shape,
+           mutates<kTakeLocal>, take_sums_cpu, nullptr)
+PBN_CPU_OP(pbn_accept_sums, NoParams, PBN_ACCEPT_INPUTS, PBN_ACCEPT_OUTPUTS, accept_shape,
+           (mutates<kGlobal, kFresh, kHealth>), accept_sums_cpu, nullptr)
+#undef PBN_CPU_OP
+#undef PBN_DTYPE
 
-PBN_OP(pbn_take_sums)
-    .setParseAttrs(counts<kNumTakeInputs, kNumTakeOutputs>)
-    .setInferType(take_types)
-    .setInferShape(take_shape)
-    .setMutateInputs(mutates<kTakeLocal>)
-    .setForward(take_sums_cpu, "cpu");
-
-PBN_OP(pbn_accept_sums)
-    .setParseAttrs(counts<kNumAcceptInputs, kNumAcceptOutputs>)
-    .setInferType(accept_types)
-    .setInferShape(accept_shape)
-    .setMutateInputs(mutates<kGlobal, kFresh, kHealth>)
-    .setForward(accept_sums_cpu, "cpu");
+}  // namespace
 
 MXReturnValue initialize(int version) {
   if (version < 10700) {

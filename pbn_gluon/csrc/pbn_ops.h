@@ -78,61 +78,54 @@ enum NormBackwardInput { kGradOut = 0, kFwdInputs = kNumNormOutputs,
                          kFwdOutputs = kNumNormOutputs + kNumNormInputs };
 enum SumsBackwardInput { kGradSums = 0, kFwdSumsData = kNumSumsOutputs };
 
-/* ------------------------------------ attributes ---------------------------------------- */
+/* ------------------------------------ attributes ----------------------------------------
+ * Each operator family's attributes, X(type, name, default, description) with type int (also
+ * "True"/"False") or float, like MXNet's DMLC parameter structs: Params::parse rejects an
+ * attribute the family does not take, naming it (MXNet's own hidden "__name__" attributes
+ * aside), and a value that is not a number. */
+#define PBN_NORM_PARAMS(X)                                                                   \
+  X(int, axis, 1, "the channel axis; negative counts from the end")                         \
+  X(int, local_stats, 1, "1: mix this batch's moments into the group's (PBN); 0: SyncBN")   \
+  X(int, fix_gamma, 0, "1: gamma is taken as 1 and gets no gradient")                       \
+  X(float, eps, 1e-5f, "added to the variance before its inverse square root")
+#define PBN_SUMS_PARAMS(X) X(int, axis, 1, "the channel axis; negative counts from the end")
+#define PBN_NO_PARAMS(X)
 
-/* The operators' attributes, parsed in one place with their defaults (an operator ignores the
- * ones it does not take). */
-struct OpParams {
-  int axis = 1;         /* channel axis; negative counts from the end */
-  int local_stats = 1;  /* pbn_batch_norm: 1 mixes this batch's moments in (PBN), 0 SyncBN */
-  int fix_gamma = 0;
-  float eps = 1e-5f;
+#define PBN_FIELD(type, name, value, description) type name = value;
+#define PBN_PARAMS_STRUCT(Name, LIST)                                                        \
+  struct Name {                                                                              \
+    LIST(PBN_FIELD)                                                                          \
+    Name() = default;                                                                        \
+    /* attributes already checked by parse (MXNet calls parseAttrs first) */                \
+    explicit Name(const Attrs& attrs) { parse(nullptr, attrs); }                            \
+    /* false, with an MX_ERROR_MSG naming `op` and the offending attributes, on a problem */ \
+    bool parse(const char* op, const Attrs& attrs);                                          \
+  };
+PBN_PARAMS_STRUCT(NormParams, PBN_NORM_PARAMS)
+PBN_PARAMS_STRUCT(SumsParams, PBN_SUMS_PARAMS)
+PBN_PARAMS_STRUCT(NoParams, PBN_NO_PARAMS)
+#undef PBN_PARAMS_STRUCT
+#undef PBN_FIELD
 
-  explicit OpParams(const Attrs& attrs);
-
-  /* The channel axis of a tensor of `ndim` dims, or -1 when out of range. */
-  int channel_axis(int ndim) const {
-    int a = axis < 0 ? axis + ndim : axis;
-    return (a >= 0 && a < ndim) ? a : -1;
-  }
-};
-
-/* A tensor seen as (outer, channels, inner) around its channel axis. */
-struct PbnLayout {
-  long outer, channels, inner;
-};
+/* The channel axis `axis` of a tensor of `ndim` dims, or -1 when out of range. */
+inline int channel_axis(int axis, int ndim) {
+  int a = axis < 0 ? axis + ndim : axis;
+  return (a >= 0 && a < ndim) ? a : -1;
+}
 
 /* --------------------------- one call, unpacked for its kernels ---------------------------- */
 
-/* pbn_batch_norm forward. mode.training is 1 here: the CPU callback reads is_inference on the
- * host, the GPU kernels on the device. `ok` is false (with an MX_ERROR_MSG) when a
- * per-channel input does not match the data's channels. */
-struct NormForward {
+/* pbn_batch_norm forward (pbn_math.h: PbnNormForwardArgs). `ok` is false (with an
+ * MX_ERROR_MSG) when a per-channel input does not match the data's channels. */
+struct NormForward : PbnNormForwardArgs {
   NormForward(const Attrs& attrs, std::vector<MXTensor>* in, std::vector<MXTensor>* out);
   bool ok;
-  PbnLayout l;
-  PbnMode mode;
-  const float *x, *gamma, *beta, *running_mean, *running_var, *local_weight, *is_inference;
-  const pbn_sum_t* group_sums;
-  pbn_sum_t* batch_sums;  /* 3 rows written while training */
-  float *y, *mean, *invstd;
 };
 
-/* pbn_batch_norm backward (mode.training as in NormForward). The kernels write dx, dgamma,
- * dbeta, every row of dgroup and, while training, grad_rows; the callback zeroes the gradients
- * of the inputs that have none (no_grad). */
-struct NormBackward {
+/* pbn_batch_norm backward (pbn_math.h: PbnNormBackwardArgs); the callback zeroes the
+ * gradients of the inputs that have none (no_grad). */
+struct NormBackward : PbnNormBackwardArgs {
   NormBackward(const Attrs& attrs, std::vector<MXTensor>* in, std::vector<MXTensor>* out);
-  PbnLayout l;
-  PbnMode mode;
-  const float *dy, *x, *gamma, *local_weight, *is_inference, *mean, *invstd;
-  const pbn_sum_t* group_sums;
-  int group_rows;
-  float *dx, *dgamma, *dbeta;
-  pbn_sum_t* dgroup;
-  /* rows 3, 4 of a 5-row batch_sums with local statistics (the progressive backward's
-   * [sum dy, sum dy xhat]), else null */
-  pbn_sum_t* grad_rows;
   std::vector<MXTensor*> no_grad;
 };
 
