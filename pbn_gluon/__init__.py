@@ -1,9 +1,11 @@
 """pbn_gluon: Progressive Batch Normalization for MXNet Gluon.
 
-    from pbn_gluon import ProgressiveBatchNorm, StatsSync, LocalComm
-    net = get_model('resnet18_v1b', norm_layer=ProgressiveBatchNorm)   # or convert_norm(net, ...)
-    sync = StatsSync(net, LocalComm(ctxs))
-    ... forward / backward / trainer.step(...) ...; sync.step()
+    import pbn_gluon
+    net = get_model('resnet18_v1b', norm_layer=pbn_gluon.ProgressiveBatchNorm)  # or convert_norm
+    trainer = pbn_gluon.Trainer(net.collect_params(), 'sgd', {...})   # as gluon.Trainer
+    ... forward / backward / trainer.step(...) ...     # step() also exchanges the statistics
+
+    (custom loops: sync = StatsSync(net, LocalComm(ctxs)); sync.step() after each backward)
 """
 
 from . import ops, schedules
@@ -13,10 +15,10 @@ from .sync_norm import SyncBatchNorm
 from .stats_sync import StatsSync, find_norm_layers
 from .convert import convert_norm
 from .export import export
-from .training import train_step
+from .trainer import Trainer
 
 __version__ = '0.1.0'
 
-__all__ = ['ProgressiveBatchNorm', 'SyncBatchNorm', 'StatsSync', 'convert_norm', 'export',
-           'find_norm_layers', 'train_step', 'Comm', 'LocalComm', 'KVStoreComm', 'HorovodComm',
+__all__ = ['ProgressiveBatchNorm', 'SyncBatchNorm', 'Trainer', 'StatsSync', 'convert_norm', 'export',
+           'find_norm_layers', 'Comm', 'LocalComm', 'KVStoreComm', 'HorovodComm',
            'CountingComm', 'ops', 'schedules']

@@ -112,6 +112,19 @@ def test_pbn_across_processes_matches_localcomm(backend, tmp_path):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize('backend,comm', [('horovod', 'HorovodComm'),
+                                          ('kvstore', 'KVStoreComm')])
+def test_pbn_gluon_trainer_picks_the_backend(backend, comm, tmp_path):
+    """pbn_gluon.Trainer with comm=None under horovodrun (hvd.init()) and on a dist_sync
+    kvstore: it picks Horovod / the Trainer's kvstore, and trains as StatsSync over LocalComm."""
+    result = run_workers(backend, 'pbn', tmp_path, extra=['--trainer'])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = load(tmp_path)
+    assert [str(r['comm']) for r in ranks] == [comm, comm]
+    assert_ranks_match(ranks, local_run('pbn'))
+
+
+@pytest.mark.timeout(300)
 def test_processes_with_different_nets_fail_clearly(tmp_path):
     """Rank 1 builds a net with other channel counts: both ranks stop with a clear error."""
     script = tmp_path / 'mismatch.py'
