@@ -134,6 +134,11 @@ class StateParameter(Parameter):
         self._created()
         return super().list_ctx()
 
+    def cast(self, dtype):
+        """Keeps its dtype: ``model.cast('float32')`` (every GluonCV training script calls it)
+        casts the model's parameters, never the float64 sums or float32 weights the fused
+        operators read."""
+
     def reset_ctx(self, ctx):
         self._follow_owner()
         if self._data is None and not self._deferred_init:

@@ -35,16 +35,19 @@ def pbn_layer(ctxs, w=0.5):
                  ctxs, hybridize=True)
 
 
-@pytest.mark.parametrize('devices', [2, 4])
-def test_pbn_trainer_equals_explicit_loop_and_numpy_spec(devices):
+@pytest.mark.parametrize('devices,cast', [(2, False), (4, False), (2, True)])
+def test_pbn_trainer_equals_explicit_loop_and_numpy_spec(devices, cast):
     """Two steps (lr 0: the spec's step 1 reads step 0's group moments with gamma, beta fixed):
     the Trainer's outputs, gradients and running statistics are the explicit loop's, bit for
-    bit, and the numpy reference's."""
+    bit, and the numpy reference's. cast: model.cast('float32') as GluonCV's scripts do, which
+    leaves the float64 exchange state as it is."""
     ctxs = [mx.cpu(i) for i in range(devices)]
     sizes = [2, 1, 3, 2][:devices]
     runs = []
     for explicit in (False, True):
         layer = pbn_layer(ctxs)
+        if cast:
+            layer.cast('float32')
         if explicit:
             sync = pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs))
             trainer = gluon.Trainer(layer.collect_params(), 'sgd', {'learning_rate': 0.0})
@@ -80,14 +83,18 @@ def test_pbn_trainer_equals_explicit_loop_and_numpy_spec(devices):
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize('devices', [2, 4])
-def test_syncbn_trainer_equals_batchnorm_on_concatenated_batch(devices):
+@pytest.mark.parametrize('devices,cast', [(2, False), (4, False), (2, True)])
+def test_syncbn_trainer_equals_batchnorm_on_concatenated_batch(devices, cast):
     """Three SGD steps: SyncBN with pbn_gluon.Trainer on `devices` contexts and nn.BatchNorm
     with gluon.Trainer on the whole batch give the same outputs, input gradients, updated
-    gamma and beta, and running statistics."""
+    gamma and beta, and running statistics. cast: model.cast('float32') before the layer is
+    initialized (GluonCV's order)."""
     ctxs = [mx.cpu(i) for i in range(devices)]
     sizes = [2, 1, 3, 2][:devices]
-    sync_layer = build(pbn_gluon.SyncBatchNorm(in_channels=C), ctxs, hybridize=True)
+    sync_layer = pbn_gluon.SyncBatchNorm(in_channels=C)
+    if cast:
+        sync_layer.cast('float32')
+    sync_layer = build(sync_layer, ctxs, hybridize=True)
     sync_trainer = pbn_gluon.Trainer(sync_layer.collect_params(), 'sgd', {'learning_rate': 0.1})
     bn = build(gluon.nn.BatchNorm(in_channels=C), [mx.cpu()], hybridize=True)
     bn_trainer = gluon.Trainer(bn.collect_params(), 'sgd', {'learning_rate': 0.1})
