@@ -24,6 +24,10 @@ the buffers and the communicator, a layer owns its schedules and its graph:
   accepted group sums (``fresh``), one fused operator per device (``pbn_running_update``,
   which consumes them: a channel of count 0 does not move):
       running_mean = m running_mean + (1 - m) M,  running_var = m running_var + (1 - m) V
+  For PBN, (M, V) are the moments of the sums the next forward mixes in: with
+  global_momentum a > 0 ('plus'), of the average G <- a G + (1 - a) G_t, not of G_t alone
+  (so at w = 1 forward and backward are BatchNorm's, the running statistics are not; with
+  a = 0 they are too). Measured on the demo: no better inference mIoU from G_t alone.
 
 ``step()`` checks the loop's order first, each a one-line RuntimeError that leaves the state as
 it was (the next iteration works): no training forward since the last exchange (a second
@@ -37,7 +41,6 @@ state parameters writes copies (pbn_gluon.batch_stats.StateParameter), so ``sync
 come before or after ``trainer.step()``. Everything is pushed to MXNet's engine; nothing here
 waits for a device.
 """
-import os
 import warnings
 import zlib
 
@@ -171,11 +174,6 @@ class StatsSync:
             rate = b.per_pbn_entry([l.global_momentum for l in self.pbn])
             self._rate = [nd.array(rate, ctx=c, dtype='float64') for c in ctxs]
             self._no_rate = sums()
-            # this step's accepted group sums (the running statistics' source) when the
-            # exchanged ones are averaged, and where the averaged ones' copy goes then
-            self._averaged = any(l.global_momentum > 0 for l in self.pbn)
-            self._step_sums, self._unused = sums(), sums()
-            self._unused_health = [nd.zeros(5, ctx=c) for c in ctxs]
         self._reset_health()
         self._group_masks = {}
         self._weights = None
@@ -285,20 +283,9 @@ class StatsSync:
             # batch on a device of the group: NaN and Inf survive the sum, so every device of
             # the group decides alike without another exchange); health counts such steps
             rate = self._rate[i] if t > 0 else self._no_rate[i]
-            own = os.environ.get('PBN_RUNNING_FROM', 'averaged') == 'step'
-            if self._averaged and t > 0 and own:
-                # the running statistics follow this step's group sums, as BatchNorm's follow
-                # its batch: fresh = G_t (rate 0), then global_sums = a G + (1 - a) G_t
-                nd.pbn_accept_sums(*op_contract.inputs(
-                    'pbn_accept_sums', local=taken[i], group=new, rate=self._no_rate[i],
-                    global_sums=self._step_sums[i], fresh=self._fresh[i],
-                    health=self._unused_health[i]))
-                fresh = self._unused[i]
-            else:
-                fresh = self._fresh[i]
             nd.pbn_accept_sums(*op_contract.inputs(
                 'pbn_accept_sums', local=taken[i], group=new, rate=rate,
-                global_sums=self.buffers.stats[i], fresh=fresh, health=self._health[i]))
+                global_sums=self.buffers.stats[i], fresh=self._fresh[i], health=self._health[i]))
 
     def _read_health(self):
         """Count the steps with non-finite statistics and warn at the first: reads the 5-number

@@ -160,3 +160,60 @@ def test_update_path_exchanges_once():
     running = 0.9 * (0.1 * mean) + 0.1 * reference.group_moments(batches([2, 2], 1)[0])[0]
     np.testing.assert_allclose(layer.running_mean.data(ctxs[1]).asnumpy(), running, rtol=1e-5,
                                atol=1e-6)
+
+
+def _small_net():
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Conv2D(C, 3, padding=1, in_channels=3),
+            pbn_gluon.ProgressiveBatchNorm(in_channels=C), gluon.nn.Activation('relu'),
+            gluon.nn.GlobalAvgPool2D(), gluon.nn.Flatten(), gluon.nn.Dense(3, in_units=C))
+    return net
+
+
+@pytest.mark.timeout(180)
+def test_gluoncv_train_py_loop_equals_plain_loop():
+    """What GluonCV's scripts/segmentation/train.py does to a model, with pbn_gluon.Trainer in
+    place of gluon.Trainer: model.cast('float32'), DataParallelModel (a thread per device) and
+    DataParallelCriterion, the Trainer built from net.module.collect_params() on a kvstore
+    object, backward inside record(). Three steps leave the weights and running statistics of
+    the plain loop."""
+    from gluoncv.utils.parallel import DataParallelCriterion, DataParallelModel
+    ctxs = [mx.cpu(0), mx.cpu(1)]
+    rng = np.random.RandomState(0)
+    batches_ = [(nd.array(rng.normal(1, 2, (4, 3, 6, 6))), nd.array(rng.randint(0, 3, 4)))
+                for _ in range(3)]
+    options = {'learning_rate': 0.1, 'momentum': 0.9, 'wd': 1e-4}
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    results = []
+    for gluoncv_loop in (True, False):
+        mx.random.seed(0)
+        model = _small_net()
+        model.initialize(mx.init.Xavier(), ctx=ctxs)
+        if gluoncv_loop:
+            model.cast('float32')
+            net = DataParallelModel(model, ctxs, False)
+            criterion = DataParallelCriterion(loss_fn, ctxs, False)
+            trainer = pbn_gluon.Trainer(net.module.collect_params(), 'sgd', options,
+                                        kvstore=mx.kv.create('device'))
+            for data, target in batches_:
+                with autograd.record(True):
+                    losses = criterion(net(data), target)
+                    mx.nd.waitall()
+                    autograd.backward(losses)
+                trainer.step(4)
+        else:
+            trainer = pbn_gluon.Trainer(model.collect_params(), 'sgd', options)
+            for data, target in batches_:
+                xs = gluon.utils.split_and_load(data, ctxs)
+                ys = gluon.utils.split_and_load(target, ctxs)
+                with autograd.record():
+                    losses = [loss_fn(model(x), y) for x, y in zip(xs, ys)]
+                autograd.backward(losses)
+                trainer.step(4)
+        assert trainer.stats.step_count == 3
+        results.append({k: p.data(ctxs[1]).asnumpy()
+                        for k, p in model._collect_params_with_prefix().items()})
+    assert sorted(results[0]) == sorted(results[1])
+    for key in results[0]:
+        np.testing.assert_allclose(results[0][key], results[1][key], rtol=1e-5, atol=1e-6,
+                                   err_msg=key)
