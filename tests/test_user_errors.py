@@ -73,6 +73,14 @@ def test_bad_config_value_is_one_line_naming_key_and_value(setting, fake_root, t
     assert not run_dir.exists()
 
 
+@pytest.mark.timeout(180)
+def test_group_size_that_does_not_divide_the_devices_is_one_line(fake_root, tmp_path):
+    """A PBN group size the job's device count is not a multiple of (known only once the job
+    is up): one line, exit 2 (was a 19-line traceback, exit 1)."""
+    result = train(fake_root, tmp_path / 'run', 'devices=2', 'pbn_group_size=3')
+    assert_user_error(result, 'group size 3', 'the 2 devices')
+
+
 @pytest.mark.timeout(120)
 def test_eval_bad_config_value(tmp_path):
     result = script('eval.py', '--config', CONFIG, '--checkpoint', str(tmp_path),
