@@ -126,8 +126,9 @@ class StateParameter(Parameter):
         arrays = super()._check_and_get(arr_list, ctx)
         if ctx is list:
             return [a.copy() for a in arrays]
-        if self._layer is not None and arr_list is self._data and _fetched_by_graph():
-            self._layer()._saw_forward(arrays.context)
+        layer = self._layer() if self._layer is not None else None
+        if layer is not None and arr_list is self._data and _fetched_by_graph():
+            layer._saw_forward(arrays.context)
         return arrays
 
     def list_ctx(self):
