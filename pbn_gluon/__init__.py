@@ -1,9 +1,11 @@
 """pbn_gluon: Progressive Batch Normalization for MXNet Gluon.
 
-    from pbn_gluon import ProgressiveBatchNorm, StatsSync, LocalComm
-    net = get_model('resnet18_v1b', norm_layer=ProgressiveBatchNorm)   # or convert_norm(net, ...)
-    sync = StatsSync(net, LocalComm(ctxs))
-    ... forward / backward / trainer.step(...) ...; sync.step()
+    import pbn_gluon
+    net = get_model('resnet18_v1b', norm_layer=pbn_gluon.ProgressiveBatchNorm)  # or convert_norm
+    trainer = pbn_gluon.Trainer(net.collect_params(), 'sgd', {...})   # as gluon.Trainer
+    ... forward / backward / trainer.step(...) ...     # step() also exchanges the statistics
+
+    (custom loops: sync = StatsSync(net, LocalComm(ctxs)); sync.step() after each backward)
 
 The names below are imported on first use (PEP 562), so that ``python -m pbn_gluon.launch``
 starts a job without importing MXNet.
@@ -16,7 +18,7 @@ __version__ = '0.1.0'
 
 _FROM = {'ProgressiveBatchNorm': 'progressive_norm', 'SyncBatchNorm': 'sync_norm',
          'StatsSync': 'stats_sync', 'find_norm_layers': 'stats_sync', 'convert_norm': 'convert',
-         'export': 'export', 'train_step': 'training', 'Comm': 'comm', 'LocalComm': 'comm',
+         'export': 'export', 'Trainer': 'trainer', 'Comm': 'comm', 'LocalComm': 'comm',
          'KVStoreComm': 'comm', 'HorovodComm': 'comm', 'CountingComm': 'comm',
          'ops': None, 'schedules': None}
 

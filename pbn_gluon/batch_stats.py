@@ -19,17 +19,58 @@ are built by name (op_contract.inputs), in the order pbn_gluon.ops checked at lo
 The exchange state (``batch_sums`` and the subclasses' state) is StatsSync's and the layer's
 alone: never saved, and whoever asks a state parameter for all its arrays (a Trainer's or
 kvstore's broadcast, ``list_data()``) gets copies, so nothing outside writes it.
+
+What the training loop did is watched from the Python side, where every forward of a layer
+(hybridized or not) fetches its ``batch_sums`` for its graph: training forwards since the last
+exchange (StatsSync.step, or pbn_gluon.Trainer.step), per device. A second training forward on
+a device with no exchange in between, and an inference forward of a layer that trained but never
+had its running statistics updated, each warn once per process (``WARNED``).
 """
+import sys
+import warnings
+import weakref
+
 import numpy as np
+from mxnet import autograd
 from mxnet import ndarray as nd
 from mxnet import symbol
-from mxnet.gluon import Parameter, nn
+from mxnet.gluon import HybridBlock, Parameter, nn
 
 from . import op_contract, ops
 
-__all__ = ['BatchStatsNorm']
+__all__ = ['BatchStatsNorm', 'owner_layer']
 
 ops.load()
+
+#: Parameter -> weak reference to the BatchStatsNorm layer it belongs to (owner_layer)
+_OWNERS = weakref.WeakKeyDictionary()
+#: where a graph fetches its parameters for a forward (HybridBlock.forward: not hybridized)
+_GRAPH_CALLS = (HybridBlock.forward.__code__, HybridBlock._call_cached_op.__code__)
+#: kinds of misuse already warned about in this process
+WARNED = set()
+
+FIX = ('train with pbn_gluon.Trainer (its step() exchanges), or call sync.step() of a '
+       'pbn_gluon.StatsSync once per iteration after backward()')
+
+
+def owner_layer(param):
+    """The ProgressiveBatchNorm or SyncBatchNorm layer that `param` belongs to, or None."""
+    ref = _OWNERS.get(param)
+    return ref() if ref is not None else None
+
+
+def _warn_once(kind, message):
+    if kind not in WARNED:
+        WARNED.add(kind)
+        warnings.warn(message, UserWarning, stacklevel=4)
+
+
+def _fetched_by_graph():
+    """True when the caller of Parameter.data() is a block's forward (not user code)."""
+    frame = sys._getframe(3)    # _fetched_by_graph <- _check_and_get <- data <- caller
+    if frame.f_code.co_name.startswith('<'):    # a comprehension inside the caller
+        frame = frame.f_back
+    return frame is not None and frame.f_code in _GRAPH_CALLS
 
 
 class StateParameter(Parameter):
@@ -45,9 +86,11 @@ class StateParameter(Parameter):
     #: skipped by comm.broadcast_parameters: StatsSync's, never the root's to hand out
     exchange_state = True
 
-    def __init__(self, name, owner, per_channel, **kwargs):
+    def __init__(self, name, owner, per_channel, layer=None, **kwargs):
         super().__init__(name, **kwargs)
         self._owner, self._per_channel = owner, per_channel
+        #: the layer told of each forward that fetches this state (one state per layer does)
+        self._layer = weakref.ref(layer) if layer is not None else None
 
     def _created(self):
         if self._data is None and not self._deferred_init and self._owner._data is not None:
@@ -81,11 +124,21 @@ class StateParameter(Parameter):
             self._created()
             arr_list = self._data
         arrays = super()._check_and_get(arr_list, ctx)
-        return [a.copy() for a in arrays] if ctx is list else arrays
+        if ctx is list:
+            return [a.copy() for a in arrays]
+        layer = self._layer() if self._layer is not None else None
+        if layer is not None and arr_list is self._data and _fetched_by_graph():
+            layer._saw_forward(arrays.context)
+        return arrays
 
     def list_ctx(self):
         self._created()
         return super().list_ctx()
+
+    def cast(self, dtype):
+        """Keeps its dtype: ``model.cast('float32')`` (every GluonCV training script calls it)
+        casts the model's parameters, never the float64 sums or float32 weights the fused
+        operators read."""
 
     def reset_ctx(self, ctx):
         self._follow_owner()
@@ -121,14 +174,66 @@ class BatchStatsNorm(nn.BatchNorm):
         #: rows per channel of the exchanged sums: [sum x, sum x^2, n] (+ [sum dy, sum dy xhat])
         self.exchange_rows = exchange_rows
         self.batch_sums = self._state_param('batch_sums', (exchange_rows * in_channels,),
-                                            dtype='float64')
+                                            dtype='float64', watch=True)
+        for param in (self.gamma, self.beta, self.running_mean, self.running_var):
+            _OWNERS[param] = weakref.ref(self)
+        #: training forwards per device since the last exchange; whether the layer ever
+        #: trained, and ever had its running statistics updated (the exchange does it)
+        self.forwards_since_exchange = {}
+        self._trained = self._running_updated = False
+        #: blocks whose cached graph traced this layer (cleared when the graph must change)
+        self._tracers = weakref.WeakSet()
 
-    def _state_param(self, name, shape, init='zeros', dtype='float32', per_channel=True):
+    def _state_param(self, name, shape, init='zeros', dtype='float32', per_channel=True,
+                     watch=False):
         param = StateParameter(self.params.prefix + name, owner=self.running_mean,
-                               per_channel=per_channel, grad_req='null', shape=shape, init=init,
-                               dtype=dtype, allow_deferred_init=True, differentiable=False)
+                               per_channel=per_channel, layer=self if watch else None,
+                               grad_req='null', shape=shape, init=init, dtype=dtype,
+                               allow_deferred_init=True, differentiable=False)
         self.params._params[param.name] = param     # ParameterDict.get only makes Parameters
+        _OWNERS[param] = weakref.ref(self)
         return param
+
+    # -- what the training loop does (pbn_gluon.StatsSync checks it) ------------------------
+
+    def _saw_forward(self, ctx):
+        """A forward of this layer's graph on `ctx` is about to run."""
+        if self._use_global_stats:
+            return
+        if autograd.is_training():
+            ran = self.forwards_since_exchange.get(ctx, 0)
+            self.forwards_since_exchange[ctx] = ran + 1
+            self._trained = True
+            if ran:
+                _warn_once('no exchange', '%s: a second training forward on %s with no '
+                           'statistics exchange since the first: its running statistics are '
+                           'not updated and no group statistics are used; %s'
+                           % (self.name, ctx, FIX))
+        elif self._trained and not self._running_updated:
+            _warn_once('never updated', '%s: inference with running statistics that were never '
+                       'updated (it trained with no statistics exchange); %s' % (self.name, FIX))
+
+    def exchanged(self):
+        """Called by StatsSync.step(): the step's exchange, and running update, are pushed."""
+        self.forwards_since_exchange.clear()
+        self._running_updated = True
+
+    def clear_graphs(self):
+        """Drop the cached graphs that contain this layer (its own, and those of the blocks
+        that traced it), so that they are rebuilt from the current state and exchange."""
+        self._clear_cached_op()
+        for block in list(self._tracers):
+            block._clear_cached_op()
+
+    def _note_tracers(self):
+        """Remember the blocks on the stack that trace a graph containing this layer."""
+        frame = sys._getframe(1)
+        while frame is not None:
+            if frame.f_code is HybridBlock._get_graph.__code__:
+                block = frame.f_locals.get('self')
+                if isinstance(block, HybridBlock) and block is not self:
+                    self._tracers.add(block)
+            frame = frame.f_back
 
     @property
     def momentum(self):
@@ -175,6 +280,8 @@ class BatchStatsNorm(nn.BatchNorm):
                                'pbn_gluon.ops)' % (self.name, x.context))
 
     def hybrid_forward(self, F, x, gamma, beta, running_mean, running_var, batch_sums, **state):
+        if F is symbol:
+            self._note_tracers()
         if self._use_global_stats:
             return F.BatchNorm(x, gamma, beta, running_mean, running_var, eps=self._epsilon,
                                fix_gamma=not self._scale, use_global_stats=True, axis=self._axis)

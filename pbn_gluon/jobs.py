@@ -160,16 +160,20 @@ class Job:
         self.in_process = backend == 'local'
         self.is_root = self.rank_offset == 0
 
-    def trainer(self, params, optimizer_params, prefix=None):
-        """An SGD trainer whose step averages the gradients of every device of the job.
-        prefix: Horovod's tensor names, distinct for each net of a process that trains several."""
-        from mxnet import gluon
+    def trainer(self, params, optimizer_params, prefix=None, comm=None):
+        """An SGD pbn_gluon.Trainer whose step averages the gradients of every device of the
+        job and exchanges the statistics of the PBN/SyncBN layers behind `params` over `comm`
+        (default ``self.comm``; ``trainer.stats``: None without such layers). prefix:
+        Horovod's tensor names, distinct for each net of a process that trains several."""
+        from . import trainer
+        comm = self.comm if comm is None else comm
         if self._hvd is not None:
-            return self._hvd.DistributedTrainer(params, 'sgd', optimizer_params, prefix=prefix)
+            return trainer.DistributedTrainer(params, 'sgd', optimizer_params, prefix=prefix,
+                                              comm=comm)
         if self._kvstore is not None:
-            return gluon.Trainer(params, 'sgd', optimizer_params, kvstore=self._kvstore,
-                                 update_on_kvstore=False)
-        return gluon.Trainer(params, 'sgd', optimizer_params, kvstore='device')
+            return trainer.Trainer(params, 'sgd', optimizer_params, kvstore=self._kvstore,
+                                   update_on_kvstore=False, comm=comm)
+        return trainer.Trainer(params, 'sgd', optimizer_params, kvstore='device', comm=comm)
 
     def step_batch(self, images_per_device):
         """The batch size to give trainer.step() so that it averages over the job's images

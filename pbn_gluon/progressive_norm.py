@@ -16,6 +16,7 @@ it the engine's mode without drawing random numbers), and native identities in f
 inputs whose gradients may be accumulated.
 """
 from .batch_stats import BatchStatsNorm, training_flag
+from .errors import ConfigError
 from .schedules import local_weight_schedule, group_size_schedule
 
 __all__ = ['ProgressiveBatchNorm']
@@ -40,7 +41,8 @@ class ProgressiveBatchNorm(BatchStatsNorm):
     global_momentum : float in [0, 1), default by `variant`
         The group sums the layer mixes in are an exponential average over the exchanges,
         G <- a G + (1 - a) G_t (count-weighted, since G holds sums); 0 is the specification's
-        previous step alone. An extension of the paper (docs/pbn-spec.md).
+        previous step alone. An extension of the paper (docs/pbn-spec.md). The running
+        statistics follow the moments of G too: BatchNorm's own (w = 1) only when a = 0.
     backward : 'local' or 'progressive', default by `variant`
         'local' is the specification: the group moments are constants, so the backward's
         centring terms are scaled by w. 'progressive' mixes them like the forward,
@@ -92,8 +94,8 @@ class ProgressiveBatchNorm(BatchStatsNorm):
             return num_devices
         size = int(self.group_size_schedule(step))
         if size < 1 or num_devices % size:
-            raise ValueError('%s: group size %d at step %d does not divide the %d devices'
-                             % (self.name, size, step, num_devices))
+            raise ConfigError('%s: group size %d at step %d does not divide the %d devices'
+                              % (self.name, size, step, num_devices))
         return size
 
     def local_weight_at(self, step, group_size):
@@ -109,8 +111,8 @@ class ProgressiveBatchNorm(BatchStatsNorm):
         schedule = self.group_size_schedule
         for size in (schedule.values() or []) if schedule is not None else []:
             if int(size) < 1 or num_devices % int(size):
-                raise ValueError('%s: group size %r does not divide the %d devices of the job'
-                                 % (self.name, size, num_devices))
+                raise ConfigError('%s: group size %r does not divide the %d devices of the '
+                                  'job' % (self.name, size, num_devices))
 
     def _group_inputs(self, F, x, batch_sums, global_sums, local_weight, flag_stats):
         return global_sums, local_weight, training_flag(F, flag_stats)

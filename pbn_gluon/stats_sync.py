@@ -24,6 +24,17 @@ the buffers and the communicator, a layer owns its schedules and its graph:
   accepted group sums (``fresh``), one fused operator per device (``pbn_running_update``,
   which consumes them: a channel of count 0 does not move):
       running_mean = m running_mean + (1 - m) M,  running_var = m running_var + (1 - m) V
+  For PBN, (M, V) are the moments of the sums the next forward mixes in: with
+  global_momentum a > 0 ('plus'), of the average G <- a G + (1 - a) G_t, not of G_t alone
+  (so at w = 1 forward and backward are BatchNorm's, the running statistics are not; with
+  a = 0 they are too). Measured on the demo: no better inference mIoU from G_t alone.
+
+``step()`` checks the loop's order first, each a one-line RuntimeError that leaves the state as
+it was (the next iteration works): no training forward since the last exchange (a second
+``sync.step()``, or one after an evaluation forward: SyncBN's would wait for forwards that never
+come), an exchange inside ``autograd.record()``, and, with ``check_gradients`` (the Trainer),
+an exchange before the backward of a PBN layer's forward (its backward reads the weight and
+group sums that the exchange rewrites).
 
 The state is reached only through these views: a gluon Trainer or kvstore broadcast of the
 state parameters writes copies (pbn_gluon.batch_stats.StateParameter), so ``sync.step()`` may
@@ -34,8 +45,9 @@ import warnings
 import zlib
 
 import numpy as np
+from mxnet import autograd
 from mxnet import ndarray as nd
-from mxnet.gluon import HybridBlock
+from mxnet.gluon import Block, HybridBlock
 
 from .batch_stats import BatchStatsNorm
 from . import op_contract, rendezvous
@@ -79,8 +91,9 @@ class StatsSync:
 
     Parameters
     ----------
-    net : gluon.Block
-        A net with ProgressiveBatchNorm and/or SyncBatchNorm layers (see convert_norm).
+    net : gluon.Block, or a list of layers
+        A net with ProgressiveBatchNorm and/or SyncBatchNorm layers (see convert_norm), or
+        those layers themselves (as pbn_gluon.Trainer finds them behind its parameters).
     comm : pbn_gluon.comm.Comm
         LocalComm, KVStoreComm or HorovodComm; its contexts are the net's contexts.
 
@@ -90,8 +103,11 @@ class StatsSync:
     """
 
     def __init__(self, net, comm):
-        self.net, self.comm = net, comm
-        self.layers = find_norm_layers(net)
+        self.comm = comm
+        if isinstance(net, Block):
+            self.net, self.layers = net, find_norm_layers(net)
+        else:
+            self.net, self.layers = None, [l for l in net if not l.use_global_stats]
         if not self.layers:
             raise ValueError(
                 'StatsSync: %s has no ProgressiveBatchNorm or SyncBatchNorm layer in training '
@@ -103,7 +119,7 @@ class StatsSync:
         self.syncbn_exchange = (rendezvous.SyncExchange(comm, self.syncbn)
                                 if self.syncbn else None)
         if self.syncbn:     # a SyncBatchNorm's graph depends on its exchange
-            _clear_cached_graphs(net)
+            self._clear_graphs()
         for layer in self.pbn:
             layer.check_devices(comm.size)
         self._prepare_syncbn()
@@ -114,6 +130,12 @@ class StatsSync:
         self._nonfinite_steps = self._nonfinite_offset = 0
         self._health_read = 0
         self._warned = False
+
+    def _clear_graphs(self):
+        if self.net is not None:
+            _clear_cached_graphs(self.net)
+        for layer in self.layers:
+            layer.clear_graphs()
 
     def _prepare_syncbn(self):
         channels = [layer.gamma.shape[0] if layer.gamma.shape else 0 for layer in self.syncbn]
@@ -161,7 +183,7 @@ class StatsSync:
             self._bind()
             # a cached graph (static_alloc) keeps the engine dependencies of the arrays it was
             # built with: rebuilt, it orders its reads and writes of the state with StatsSync's
-            _clear_cached_graphs(self.net)
+            self._clear_graphs()
 
     def _reset_health(self):
         """pbn_accept_sums' record per device: [steps with non-finite group sums, the first,
@@ -188,8 +210,11 @@ class StatsSync:
 
     # -- the step ---------------------------------------------------------------------------
 
-    def step(self):
-        """Exchange this step's statistics; call once per iteration after backward()."""
+    def step(self, check_gradients=False):
+        """Exchange this step's statistics; call once per iteration after backward().
+        check_gradients: also fail when a PBN layer's gradient is not fresh (the backward of
+        its forward has not run; before a Trainer's update, which marks them used)."""
+        self._check_order(check_gradients)
         if self.syncbn_exchange is not None:    # its errors; its group sums written first
             self.syncbn_exchange.settle()
         self._ensure_bound()
@@ -201,6 +226,34 @@ class StatsSync:
         self._update_running()
         self.step_count = t + 1
         self._set_weights(self.step_count)
+        for layer in self.layers:
+            layer.exchanged()
+
+    def _check_order(self, check_gradients):
+        """Raise (one line, state unchanged) when this exchange comes at the wrong point of the
+        training loop: see the module docstring."""
+        where = 'statistics exchange (pbn_gluon.Trainer.step or StatsSync.step)'
+        if autograd.is_recording():
+            raise RuntimeError('%s inside autograd.record(): call it after backward()' % where)
+        ran = [layer for layer in self.layers if layer.forwards_since_exchange]
+        if not ran:
+            raise RuntimeError(
+                '%s with no training forward pass of %s since the last one: exchange once per '
+                'iteration, after the forward and backward passes (an evaluation forward does '
+                'not count)' % (where, self.layers[0].name))
+        if not check_gradients:
+            return
+        for layer in ran:
+            param = next((p for p in (layer.gamma, layer.beta) if p.grad_req != 'null'), None)
+            if not isinstance(layer, ProgressiveBatchNorm) or param is None or \
+                    param._data is None:
+                continue
+            for ctx in layer.forwards_since_exchange:
+                if not param.data(ctx)._fresh_grad:
+                    raise RuntimeError(
+                        '%s before the backward pass of %s on %s: the backward reads the local '
+                        'weight and group sums that the exchange rewrites; call it after '
+                        'backward()' % (where, layer.name, ctx))
 
     def check(self):
         """Raise the error of a SyncBatchNorm exchange that failed since the last check (a

@@ -134,6 +134,8 @@ class SyncBatchNorm(BatchStatsNorm):
 
     def hybrid_forward(self, F, x, gamma, beta, running_mean, running_var, batch_sums):
         if not self._use_global_stats and self._meets_in_host_memory():
+            if F is mx.symbol:
+                self._note_tracers()
             return self._native_forward(F, x, gamma, beta, running_mean, running_var,
                                         batch_sums)
         return super().hybrid_forward(F, x, gamma, beta, running_mean, running_var, batch_sums)

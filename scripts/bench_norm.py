@@ -138,7 +138,8 @@ def _job(args):
 
 
 def _setup(norm, args, job):
-    """One norm's net (the same initial weights for every norm), Trainer and StatsSync."""
+    """One norm's net (the same initial weights for every norm) and pbn_gluon.Trainer (its
+    StatsSync, over a CountingComm, is ``sync``)."""
     import mxnet as mx
     import pbn_gluon
     from pbn_gluon.segmentation.norms import get_norm_layer
@@ -151,13 +152,13 @@ def _setup(norm, args, job):
     net.hybridize(static_alloc=True)
     # one net per norm in this process: Horovod's tensor names must differ
     job.broadcast(net.collect_params(), prefix=norm + '.')
-    trainer = job.trainer(net.collect_params(), {'learning_rate': 0.01, 'momentum': 0.9},
-                          prefix=norm + '.')
     if args.model == 'deeplab' and norm == 'syncbn' and job.comm.needs_prepare:
         # SyncBN over dist_sync declares its exchanges by channel count: shapes from the graph
         net.infer_shape(mx.nd.zeros((1, 3, args.image_size, args.image_size), ctx=ctxs[0]))
     counting = pbn_gluon.CountingComm(job.comm)     # exchanges per step: observed, not assumed
-    sync = pbn_gluon.StatsSync(net, counting) if norm != 'bn' else None
+    trainer = job.trainer(net.collect_params(), {'learning_rate': 0.01, 'momentum': 0.9},
+                          prefix=norm + '.', comm=counting)
+    sync = trainer.stats
     return dict(net=net, trainer=trainer, sync=sync, comm=counting, times=[],
                 layers=len(pbn_gluon.find_norm_layers(net)) if sync is not None else None)
 
@@ -185,12 +186,14 @@ def _batch(args, ctxs):
 def _timed_step(run, batch, batch_size):
     """One training step of a norm's run, ended by waitall; its wall time in seconds."""
     import mxnet as mx
-    import pbn_gluon
+    from mxnet import autograd
 
     data, labels, loss_fn = batch
     tic = time.perf_counter()
-    losses = pbn_gluon.train_step(run['net'], loss_fn, data, labels, run['trainer'],
-                                  batch_size, run['sync'])
+    with autograd.record():     # every forward before any value is read
+        losses = [loss_fn(run['net'](x), y) for x, y in zip(data, labels)]
+    autograd.backward(losses)
+    run['trainer'].step(batch_size)     # exchanges the statistics, then updates
     mx.nd.waitall()
     if run['sync'] is not None:
         run['sync'].check()     # raises if a device never reached an exchange

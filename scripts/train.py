@@ -21,10 +21,9 @@ import types
 
 import mxnet as mx
 from gluoncv.loss import MixSoftmaxCrossEntropyLoss
-from mxnet import gluon
+from mxnet import autograd, gluon
 from tqdm import tqdm
 
-import pbn_gluon
 from pbn_gluon.errors import ConfigError, UserError
 from pbn_gluon.files import write_text
 from pbn_gluon.jobs import Job
@@ -141,8 +140,8 @@ def training_data(cfg, job):
 
 
 def build_model(cfg, job):
-    """The net (the root's weights on every process), loss, trainer and, for pbn and syncbn,
-    StatsSync."""
+    """The net (the root's weights on every process), loss, and pbn_gluon.Trainer (whose
+    ``stats``, the StatsSync of pbn and syncbn, is ``sync``)."""
     ctx = job.contexts
     mx.random.seed(cfg.seed, ctx='all')
     net = model_from_config(cfg, ctx, in_process=job.in_process)
@@ -155,8 +154,8 @@ def build_model(cfg, job):
     criterion = MixSoftmaxCrossEntropyLoss(aux=cfg.aux, aux_weight=cfg.aux_weight)
     trainer = job.trainer(net.collect_params(), {'learning_rate': cfg.lr, 'momentum': cfg.momentum,
                                                  'wd': cfg.weight_decay})
-    sync = pbn_gluon.StatsSync(net, job.comm) if cfg.norm in ('pbn', 'syncbn') else None
-    return types.SimpleNamespace(net=net, criterion=criterion, trainer=trainer, sync=sync)
+    return types.SimpleNamespace(net=net, criterion=criterion, trainer=trainer,
+                                 sync=trainer.stats)
 
 
 def resume_from(last, job, model, log):
@@ -191,8 +190,10 @@ def train_epoch(cfg, job, model, plan, progress, epoch, iteration, log):
         model.trainer.set_learning_rate(lr)
         xs = gluon.utils.split_and_load(data, ctx)
         ys = gluon.utils.split_and_load(target, ctx)
-        losses = pbn_gluon.train_step(model.net, lambda out, y: model.criterion(*out, y), xs, ys,
-                                      model.trainer, job.step_batch(cfg.batch_size), sync)
+        with autograd.record():     # every forward before any value is read
+            losses = [model.criterion(*model.net(x), y) for x, y in zip(xs, ys)]
+        autograd.backward(losses)
+        model.trainer.step(job.step_batch(cfg.batch_size))     # exchanges the statistics too
         loss = sum(l.sum().asscalar() for l in losses) / len(data)
         iteration += 1
         progress.set_postfix(loss='%.4f' % loss, lr='%.2e' % lr)

@@ -1,13 +1,15 @@
 """One process of the call-order test: PBN (first layer, on this rank's slice of a fixed batch)
 + conv + dense, trained 4 steps by a Trainer that shares the job's engine, with ``sync.step()``
-before or after ``trainer.step()``. Each process draws its own initial weights (seed 3 + rank);
+before or after ``trainer.step()`` (the backend's own Trainer), or pbn_gluon's Trainer
+(``job.trainer``: the exchange inside its step). Each process draws its own initial weights (seed 3 + rank);
 ``job.broadcast`` must make them the root's before the first gradient.
 
     horovodrun -np 2 -H localhost:2 --gloo python tests/mp_order_worker.py --backend horovod ...
     python -m pbn_gluon.launch -n 2 -- python tests/mp_order_worker.py --backend kvstore ...
 
 Horovod: DistributedTrainer and broadcast_parameters(net.collect_params()); KVStore dist_sync:
-gluon.Trainer on the same kvstore with update_on_kvstore=False (pbn_gluon.jobs.Job). Writes OUT/rank{r}.npz: the
+gluon.Trainer on the same kvstore with update_on_kvstore=False; pbn-trainer: the same with the
+exchange mixed in (pbn_gluon.jobs.Job.trainer). Writes OUT/rank{r}.npz: the
 conv weight drawn, every trainable parameter in the first forward, the layer's group sums
 after the first step and every trainable parameter at the end."""
 import argparse
@@ -23,7 +25,8 @@ from pbn_gluon.jobs import Job
 
 parser = argparse.ArgumentParser()
 parser.add_argument('--backend', choices=['horovod', 'kvstore'], required=True)
-parser.add_argument('--order', choices=['trainer-first', 'sync-first'], required=True)
+parser.add_argument('--order', choices=['trainer-first', 'sync-first', 'pbn-trainer'],
+                    required=True)
 parser.add_argument('--out', required=True)
 args = parser.parse_args()
 
@@ -38,8 +41,17 @@ net.initialize(mx.init.Xavier(), ctx=mx.cpu())
 net.hybridize(static_alloc=True)
 records = {'drawn': net[1].weight.data().asnumpy()}
 job.broadcast(net.collect_params())
-trainer = job.trainer(net.collect_params(), {'learning_rate': 0.1, 'momentum': 0.9})
-sync = pbn_gluon.StatsSync(net, job.comm)
+options = {'learning_rate': 0.1, 'momentum': 0.9}
+if args.order == 'pbn-trainer':
+    trainer, sync = job.trainer(net.collect_params(), options), None
+elif args.backend == 'horovod':     # the explicit API: the backend's own Trainer + StatsSync
+    import horovod.mxnet as hvd
+    trainer = hvd.DistributedTrainer(net.collect_params(), 'sgd', options)
+    sync = pbn_gluon.StatsSync(net, job.comm)
+else:
+    trainer = gluon.Trainer(net.collect_params(), 'sgd', options, kvstore=job.comm.kvstore,
+                            update_on_kvstore=False)
+    sync = pbn_gluon.StatsSync(net, job.comm)
 for step in range(4):
     x, sizes = make_batch(step, size)
     start = sum(sizes[:rank])
@@ -52,8 +64,10 @@ for step in range(4):
     if args.order == 'trainer-first':
         trainer.step(sum(sizes))
         sync.step()
-    else:
+    elif args.order == 'sync-first':
         sync.step()
+        trainer.step(sum(sizes))
+    else:
         trainer.step(sum(sizes))
     if step == 0:
         records['group_sums'] = net[0].global_sums.data().asnumpy()[:3]

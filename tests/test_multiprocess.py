@@ -112,6 +112,19 @@ def test_pbn_across_processes_matches_localcomm(backend, tmp_path):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize('backend,comm', [('horovod', 'HorovodComm'),
+                                          ('kvstore', 'KVStoreComm')])
+def test_pbn_gluon_trainer_picks_the_backend(backend, comm, tmp_path):
+    """pbn_gluon.Trainer with comm=None under horovodrun (hvd.init()) and on a dist_sync
+    kvstore: it picks Horovod / the Trainer's kvstore, and trains as StatsSync over LocalComm."""
+    result = run_workers(backend, 'pbn', tmp_path, extra=['--trainer'])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = load(tmp_path)
+    assert [str(r['comm']) for r in ranks] == [comm, comm]
+    assert_ranks_match(ranks, local_run('pbn'))
+
+
+@pytest.mark.timeout(300)
 def test_processes_with_different_nets_fail_clearly(tmp_path):
     """Rank 1 builds a net with other channel counts: both ranks stop with a clear error."""
     script = tmp_path / 'mismatch.py'
@@ -136,12 +149,13 @@ def test_processes_with_different_nets_fail_clearly(tmp_path):
 @pytest.mark.parametrize('backend', ['horovod', 'kvstore'])
 def test_trainer_and_sync_order_across_processes(backend, tmp_path):
     """2 processes, PBN with both extensions as the first layer: Horovod's DistributedTrainer,
-    and a Trainer on the dist_sync kvstore (update_on_kvstore=False), after job.broadcast. Each
+    and a Trainer on the dist_sync kvstore (update_on_kvstore=False), after job.broadcast,
+    with StatsSync, or with the exchange mixed in (pbn-trainer: bit-identical to sync-first). Each
     process draws other weights: in the first forward every weight is rank 0's (a deferred one
     too). trainer.step() before or after sync.step(): the first group sums are numpy's over
     the whole batch, and the weights after 4 steps agree."""
     results = {}
-    for order in ('trainer-first', 'sync-first'):
+    for order in ('trainer-first', 'sync-first', 'pbn-trainer'):
         out = tmp_path / order
         run = run_job(backend, ['mp_order_worker.py', '--backend', backend, '--order', order,
                                 '--out', str(out)])
@@ -163,7 +177,8 @@ def test_trainer_and_sync_order_across_processes(backend, tmp_path):
     first, second = results['trainer-first'][0], results['sync-first'][0]
     names = [k for k in first.files if k.startswith('param')]
     assert len(names) == 6
-    for name in names:
+    for name in names:     # pbn_gluon's Trainer: the exchange before the update, as sync-first
+        np.testing.assert_array_equal(results['pbn-trainer'][0][name], second[name])
         np.testing.assert_allclose(first[name], second[name], rtol=1e-5, atol=1e-6,
                                    err_msg=name)
 

@@ -213,3 +213,43 @@ def test_default_is_pbn_plus_and_the_paper_one_argument_away():
     assert (mixed.global_momentum, mixed.backward_mode) == (0.0, 'progressive')
     with pytest.raises(ValueError, match="variant must be 'plus' or 'paper'"):
         pbn_gluon.ProgressiveBatchNorm(variant='spec')
+
+
+@pytest.mark.parametrize('devices', [1, 2])
+def test_local_weight_one_default_variant_statistics(devices):
+    """w = 1 with the default variant ('plus'), 4 steps of drifting data: outputs, input and
+    gamma/beta gradients are nn.BatchNorm's on each device's batch; the running statistics
+    are the documented ones (numpy): the exponential average (momentum 0.9) of the moments of
+    the group sums averaged over exchanges, G <- 0.8 G + 0.2 G_t, which differ from
+    BatchNorm's on drifting data (BatchNorm's own: variant='paper', test above)."""
+    ctxs = [mx.cpu(i) for i in range(devices)]
+    pbn = build(pbn_gluon.ProgressiveBatchNorm(in_channels=C, local_weight=1.0), ctxs, True)
+    trainer = pbn_gluon.Trainer(pbn.collect_params(), 'sgd', {'learning_rate': 0.0})
+    bn = build(gluon.nn.BatchNorm(in_channels=C), [mx.cpu(0)], True)
+    mean, var, group = np.zeros(C), np.ones(C), None
+    for t in range(4):
+        xs, dys = batches([3, 2][:devices], t)
+        xs = [x + 2.0 * t for x in xs]      # the mean drifts by 2 std a step
+        ys, dxs = step(pbn, xs, dys, ctxs)
+        trainer.step(1)
+        for k, c in enumerate(ctxs):
+            y_bn, dx_bn = step(bn, xs[k:k + 1], dys[k:k + 1], [mx.cpu(0)])
+            np.testing.assert_allclose(ys[k], y_bn[0], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(dxs[k], dx_bn[0], rtol=1e-4, atol=1e-5)
+            for name in ('gamma', 'beta'):
+                np.testing.assert_allclose(getattr(pbn, name).grad(c).asnumpy(),
+                                           getattr(bn, name).grad().asnumpy(), rtol=1e-4,
+                                           atol=1e-5)
+        n, m, q = reference.channel_moments(np.concatenate(xs))
+        sums = np.stack([n * m, n * q, np.full(C, float(n))])
+        group = sums if group is None else 0.8 * group + 0.2 * sums
+        g_mean = group[0] / group[2]
+        mean = 0.9 * mean + 0.1 * g_mean
+        var = 0.9 * var + 0.1 * (group[1] / group[2] - g_mean ** 2)
+    for c in ctxs:
+        np.testing.assert_allclose(pbn.running_mean.data(c).asnumpy(), mean, rtol=1e-5,
+                                   atol=1e-5)
+        np.testing.assert_allclose(pbn.running_var.data(c).asnumpy(), var, rtol=1e-5,
+                                   atol=1e-5)
+    if devices == 1:    # BatchNorm's own (bn saw the same batches) are measurably other
+        assert np.abs(mean - bn.running_mean.data().asnumpy()).max() > 0.3

@@ -4,22 +4,25 @@ import mxnet as mx
 import numpy as np
 import pytest
 from gluoncv.model_zoo import get_model
-from mxnet import gluon, nd
+from mxnet import autograd, gluon, nd
 
 import pbn_gluon
 
 
 def train(net, ctxs, steps, shape):
     net.hybridize(static_alloc=True)
-    sync = pbn_gluon.StatsSync(net, pbn_gluon.LocalComm(ctxs))
-    trainer = gluon.Trainer(net.collect_params(), 'sgd', {'learning_rate': 0.01, 'momentum': 0.9})
+    trainer = pbn_gluon.Trainer(net.collect_params(), 'sgd', {'learning_rate': 0.01,
+                                                              'momentum': 0.9})
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     rng = np.random.RandomState(0)
     xs = [nd.array(rng.normal(size=shape), ctx=c) for c in ctxs]    # a repeated batch
     ys = [nd.array(rng.randint(0, 10, shape[0]), ctx=c) for c in ctxs]
     history = []
     for _ in range(steps):
-        losses = pbn_gluon.train_step(net, loss_fn, xs, ys, trainer, shape[0] * len(ctxs), sync)
+        with autograd.record():
+            losses = [loss_fn(net(x), y) for x, y in zip(xs, ys)]
+        autograd.backward(losses)
+        trainer.step(shape[0] * len(ctxs))
         history.append(float(sum(l.sum().asscalar() for l in losses)))
     return history
 

@@ -73,6 +73,14 @@ def test_bad_config_value_is_one_line_naming_key_and_value(setting, fake_root, t
     assert not run_dir.exists()
 
 
+@pytest.mark.timeout(180)
+def test_group_size_that_does_not_divide_the_devices_is_one_line(fake_root, tmp_path):
+    """A PBN group size the job's device count is not a multiple of (known only once the job
+    is up): one line, exit 2 (was a 19-line traceback, exit 1)."""
+    result = train(fake_root, tmp_path / 'run', 'devices=2', 'pbn_group_size=3')
+    assert_user_error(result, 'group size 3', 'the 2 devices')
+
+
 @pytest.mark.timeout(120)
 def test_eval_bad_config_value(tmp_path):
     result = script('eval.py', '--config', CONFIG, '--checkpoint', str(tmp_path),
@@ -372,3 +380,21 @@ def test_every_config_key_is_checked():
     assert set(config.KEYS) == set(config.CHECKS) | set(config.CHOICES)
     from pbn_gluon.segmentation.models import MODELS
     assert config.BACKBONES == {m: b for m, (_, b) in MODELS.items()}
+
+
+def test_amp_bfloat16_names_the_dtype_and_the_way_out():
+    """MXNet's AMP (bfloat16 on CPU) makes a PBN layer's input bfloat16: the error names the
+    dtype (was "dtype code 12") and says to keep the model in float32."""
+    import mxnet as mx
+    from mxnet import gluon
+    from mxnet.contrib import amp
+    import pbn_gluon
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Conv2D(4, 3, in_channels=3), pbn_gluon.ProgressiveBatchNorm(in_channels=4))
+    net.initialize()
+    net.hybridize()
+    x = mx.nd.ones((2, 3, 6, 6))
+    net(x)
+    with pytest.raises(mx.base.MXNetError, match='must be float32, got bfloat16.*keep models '
+                       'with them in float32'):
+        amp.convert_hybrid_block(net, target_dtype='bfloat16', ctx=mx.cpu())(x).wait_to_read()

@@ -300,12 +300,20 @@ MXReturnValue mutates(const Attrs&, std::vector<int>* indices) {
 MXReturnValue typed(const char* op, const char* in, const char* out, std::vector<int>* in_types,
                     std::vector<int>* out_types) {
   auto code = [](char c) { return c == 'd' ? kFloat64 : kFloat32; };
+  // MXNet's dtype codes (mshadow's TypeFlag; 12 is bfloat16, which lib_api.h does not name)
+  static const char* names[] = {"float32", "float64", "float16", "uint8",  "int32",
+                                "int8",    "int64",   "bool",    "int16",  "uint16",
+                                "uint32",  "uint64",  "bfloat16"};
   for (size_t i = 0; i < in_types->size(); ++i) {
     if (in_types->at(i) == -1) in_types->at(i) = code(in[i]);
     if (in_types->at(i) != code(in[i])) {
+      int got = in_types->at(i);
+      std::string name = got >= 0 && got <= 12 ? names[got] : "dtype code " + std::to_string(got);
       MX_ERROR_MSG << op << ": input " << i << " must be "
-                   << (in[i] == 'd' ? "float64" : "float32") << ", got dtype code "
-                   << in_types->at(i);
+                   << (in[i] == 'd' ? "float64" : "float32") << ", got " << name
+                   << ". ProgressiveBatchNorm and SyncBatchNorm compute in float32 (their "
+                      "exchange state in float64): keep models with them in float32 (MXNet's "
+                      "AMP cannot: its fp32_ops take only its own operators)";
       return MX_FAIL;
     }
   }

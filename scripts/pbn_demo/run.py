@@ -44,7 +44,8 @@ def _pbn_settings(cfg):
 
 def _build(cfg, job, pbn):
     """The net (from the seed's weights, the same on every process), its trainer, and
-    StatsSync over a CountingComm (exchanges per step: observed) for the synchronized norms."""
+    statistics exchanged over a CountingComm (exchanges per step: observed), and the
+    trainer's StatsSync (None for bn and gn)."""
     import mxnet as mx
     import pbn_gluon
 
@@ -56,11 +57,10 @@ def _build(cfg, job, pbn):
     net.initialize(mx.init.Xavier(magnitude=2.0), ctx=ctxs)
     net.hybridize(static_alloc=True)
     job.broadcast(net.collect_params())
-    trainer = job.trainer(net.collect_params(),
-                          {'learning_rate': cfg['lr'], 'momentum': 0.9, 'wd': 1e-4})
     comm = pbn_gluon.CountingComm(job.comm)
-    sync = pbn_gluon.StatsSync(net, comm) if cfg['norm'] in ('syncbn', 'pbn', 'pbn+') else None
-    return net, trainer, comm, sync
+    trainer = job.trainer(net.collect_params(),
+                          {'learning_rate': cfg['lr'], 'momentum': 0.9, 'wd': 1e-4}, comm=comm)
+    return net, trainer, comm, trainer.stats
 
 
 def _batches(cfg, train):
@@ -79,8 +79,7 @@ def _batches(cfg, train):
 def _train(cfg, job, model, train, val, rank):
     """The training loop; its step times, loss points and val curve (rank 0 evaluates)."""
     import mxnet as mx
-    from mxnet import gluon
-    import pbn_gluon
+    from mxnet import autograd, gluon
 
     net, trainer, comm, sync = model
     ipd, steps, ctxs = cfg['images_per_device'], cfg['steps'], job.contexts
@@ -97,8 +96,10 @@ def _train(cfg, job, model, train, val, rank):
         label = [mx.nd.array(ys[idx[k * ipd:(k + 1) * ipd]], ctx=c) for k, c in zip(devices, ctxs)]
         if t == 1:      # count from the second step: the first also checks the processes' nets
             comm.counts.clear()
-        # Horovod's trainer also divides by the process count
-        outs = pbn_gluon.train_step(net, loss_fn, data, label, trainer, ipd * len(ctxs), sync)
+        with autograd.record():
+            outs = [loss_fn(net(x), y) for x, y in zip(data, label)]
+        autograd.backward(outs)
+        trainer.step(ipd * len(ctxs))   # Horovod's trainer also divides by the process count
         mx.nd.waitall()
         dt = time.time() - tic
         train_time += dt
