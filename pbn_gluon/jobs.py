@@ -3,7 +3,7 @@
 that never hangs), and, inside a process, its part of the job (`Job`: the backend's contexts,
 statistics communicator and trainer).
 
-    cmd = jobs.horovodrun(2, [sys.executable, 'train.py', ...])
+    cmd = jobs.launch_command('horovod', 2, [sys.executable, 'train.py', ...])
     result = jobs.run(cmd, env=jobs.worker_env('local', 8, timeout=120), timeout=600)
     result.status, result.returncode, result.output
 
@@ -21,7 +21,7 @@ from .comm import HorovodComm, KVStoreComm, LocalComm, broadcast_parameters
 from .errors import ConfigError
 from .rendezvous import cpu_resource_env
 
-__all__ = ['horovodrun', 'kvstore_launch', 'worker_env', 'run', 'Result', 'BACKENDS', 'Job',
+__all__ = ['launch_command', 'horovodrun', 'kvstore_launch', 'worker_env', 'run', 'Result', 'BACKENDS', 'Job',
            'local_contexts']
 
 
@@ -37,6 +37,20 @@ def kvstore_launch(num_workers, command, timeout=None):
     limit = ['--timeout', str(timeout)] if timeout else []
     return [sys.executable, '-m', 'pbn_gluon.launch', '-n', str(num_workers)] + limit + \
         ['--'] + list(command)
+
+
+def launch_command(backend, processes, command, timeout=None):
+    """`command` (a list) as a job of `backend`: horovod, `processes` Horovod processes
+    (horovodrun over Gloo); kvstore, `processes` KVStore dist_sync workers (python -m
+    pbn_gluon.launch, stopped after `timeout` s if given); local, the command itself (one
+    process drives every device)."""
+    if backend == 'horovod':
+        return horovodrun(processes, command)
+    if backend == 'kvstore':
+        return kvstore_launch(processes, command, timeout)
+    if backend == 'local':
+        return list(command)
+    raise ConfigError('unknown backend %r: local, horovod or kvstore' % (backend,))
 
 
 def worker_env(backend, contexts, timeout, base=None):
@@ -159,6 +173,39 @@ class Job:
         self.size, self.rank_offset = self.comm.size, self.comm.rank_offset
         self.in_process = backend == 'local'
         self.is_root = self.rank_offset == 0
+
+    def ensure_cpu_resources(self, norm):
+        """Start this process again, once, with the MXNet CPU resource copies its contexts
+        need (pbn_gluon.rendezvous.cpu_resource_advice; MXNet reads them at import). Every
+        norm gets the random-generator copies, because that setting changes what MXNet's seeded
+        generators draw: bn, syncbn and pbn start from the same weights. Only syncbn gets the
+        temp-space copies (which do not change the draws): the other norms never wait inside
+        the graph, and with that many copies memory grows with every step
+        (DeepLabV3-ResNet18 on 8 contexts: about 1.2 GB a step)."""
+        from .rendezvous import cpu_resource_advice
+        if not self.in_process or cpu_resource_advice(self.contexts) is None:
+            return
+        settings = cpu_resource_env(len(self.contexts))
+        if norm != 'syncbn':
+            settings = {k: v for k, v in settings.items() if k == 'MXNET_CPU_PARALLEL_RAND_COPY'
+                        and int(os.environ.get(k, 1)) < int(v)}
+            if not settings:
+                return
+        print('%s: %d CPU contexts of one process: restarting with %s'
+              % (sys.argv[0], len(self.contexts), ' '.join('%s=%s' % kv for kv in
+                                                           sorted(settings.items()))), flush=True)
+        os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, **settings))
+
+    def prepare(self, net, example):
+        """Before the Trainer: a communicator that declares SyncBatchNorm's exchanges up front
+        by channel count (KVStore dist_sync) gets every shape of `net` from its graph and an
+        `example` input, without running it (a forward pass before the Trainer's first step
+        would break MXNet 1.9's dist_sync Trainer: docs/limitations.md)."""
+        from .sync_norm import SyncBatchNorm
+        from .stats_sync import find_norm_layers
+        if self.comm.needs_prepare and any(isinstance(layer, SyncBatchNorm)
+                                           for layer in find_norm_layers(net)):
+            net.infer_shape(example)
 
     def trainer(self, params, optimizer_params, prefix=None, comm=None):
         """An SGD pbn_gluon.Trainer whose step averages the gradients of every device of the

@@ -267,11 +267,7 @@ def worker_command(args, backend, norms, devices, result):
            '--batch-size', str(args.batch_size), '--image-size', str(args.image_size),
            '--channels', str(args.channels), '--blocks', str(args.blocks),
            '--classes', str(args.classes), '--model', args.model]
-    if backend == 'horovod':
-        return jobs.horovodrun(devices, cmd)
-    if backend == 'kvstore':
-        return jobs.kvstore_launch(devices, cmd)
-    return cmd
+    return jobs.launch_command(backend, devices, cmd)
 
 
 def run_config(args, backend, norms, devices):

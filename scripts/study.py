@@ -212,10 +212,8 @@ class Run:
     def train_command(self, resume):
         cmd = [sys.executable, os.path.join('scripts', 'train.py'), '--config', self.config,
                '--set'] + self.train_set + (['--resume'] if resume else [])
-        if self.backend == 'kvstore':
-            from pbn_gluon import jobs
-            cmd = jobs.kvstore_launch(DEVICES, cmd)
-        return cmd
+        from pbn_gluon import jobs
+        return jobs.launch_command(self.backend, DEVICES, cmd)
 
     def eval_command(self, epoch):
         return [sys.executable, os.path.join('scripts', 'eval.py'), '--config', self.config,

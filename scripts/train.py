@@ -15,7 +15,6 @@ horovod or kvstore, the root process writes, and run_dir must be shared by every
 """
 import json
 import os
-import sys
 import time
 import types
 
@@ -30,7 +29,6 @@ from pbn_gluon.jobs import Job
 from pbn_gluon.segmentation import (CityscapesSegmentation, checkpoint, epoch_batches,
                                     input_transform, model_from_config)
 from pbn_gluon.segmentation.config import config_parser, run_with_config
-from pbn_gluon.rendezvous import cpu_resource_advice, cpu_resource_env
 
 
 def parse_args():
@@ -44,29 +42,6 @@ def seed_epoch(seed, epoch):
     """MXNet's random numbers (dropout) of an epoch follow from (seed, epoch), so a resumed run
     draws what the uninterrupted one would have. (Data order and augmentation already do.)"""
     mx.random.seed(seed * 100003 + epoch, ctx='all')
-
-
-def ensure_cpu_resources(job, norm):
-    """SyncBatchNorm on several CPU contexts of this process needs more of MXNet's CPU resource
-    copies than its defaults (pbn_gluon.rendezvous.cpu_resource_advice), and MXNet reads them
-    when it is imported: start again once, with them set. Every norm gets the random-generator
-    copies, because that setting changes what MXNet's seeded generators draw: bn, syncbn and pbn
-    start from the same weights. Only syncbn gets the temp-space copies (which do not change
-    the draws): the other norms never wait inside the graph, and with that many copies memory
-    grows with every step (DeepLabV3-ResNet18 on 8 contexts: about 1.2 GB a step)."""
-    if not job.in_process or cpu_resource_advice(job.contexts) is None:
-        return
-    settings = cpu_resource_env(len(job.contexts))
-    if norm != 'syncbn':
-        settings = {k: v for k, v in settings.items() if k == 'MXNET_CPU_PARALLEL_RAND_COPY'
-                    and int(os.environ.get(k, 1)) < int(v)}
-        if not settings:
-            return
-    print('%s: %d CPU contexts of one process: restarting with %s'
-          % (sys.argv[0], len(job.contexts), ' '.join('%s=%s' % kv for kv in
-                                                       sorted(settings.items()))), flush=True)
-    env = dict(os.environ, **settings)
-    os.execve(sys.executable, [sys.executable] + sys.argv, env)
 
 
 def cut_metrics(path, iteration):
@@ -145,11 +120,7 @@ def build_model(cfg, job):
     ctx = job.contexts
     mx.random.seed(cfg.seed, ctx='all')
     net = model_from_config(cfg, ctx, in_process=job.in_process)
-    if cfg.norm == 'syncbn' and job.comm.needs_prepare:
-        # KVStore dist_sync declares SyncBatchNorm's exchanges up front, by channel count: get
-        # every shape from the graph without running it (a forward pass before the Trainer's
-        # first step would break MXNet 1.9's dist_sync Trainer: README, known limitations)
-        net.infer_shape(mx.nd.zeros((1, 3, cfg.crop_size, cfg.crop_size), ctx=ctx[0]))
+    job.prepare(net, mx.nd.zeros((1, 3, cfg.crop_size, cfg.crop_size), ctx=ctx[0]))
     job.broadcast(net.collect_params())
     criterion = MixSoftmaxCrossEntropyLoss(aux=cfg.aux, aux_weight=cfg.aux_weight)
     trainer = job.trainer(net.collect_params(), {'learning_rate': cfg.lr, 'momentum': cfg.momentum,
@@ -218,7 +189,7 @@ def save_epoch(cfg, job, model, layout, epoch, iteration, progress):
 
 def train(args, cfg):
     job = Job(cfg.backend, cfg.gpus, cfg.devices)
-    ensure_cpu_resources(job, cfg.norm)
+    job.ensure_cpu_resources(cfg.norm)
     layout = {'model': cfg.model, 'backbone': cfg.backbone, 'norm': cfg.norm,
               'backend': cfg.backend, 'devices': job.size}
     last = checkpoint_to_resume(cfg, args.resume, layout)

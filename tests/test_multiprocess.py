@@ -22,8 +22,7 @@ def run_job(backend, worker, processes=2):
     """`worker` (a script, in tests/ unless its path is absolute, and its arguments) as a job
     of `processes` processes: horovodrun (Gloo) or KVStore dist_sync workers."""
     worker = [sys.executable, os.path.join(HERE, worker[0])] + list(worker[1:])
-    cmd = jobs.horovodrun(processes, worker) if backend == 'horovod' else \
-        jobs.kvstore_launch(processes, worker, timeout=150)
+    cmd = jobs.launch_command(backend, processes, worker, timeout=150)
     env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get('PYTHONPATH', ''))
     return subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=240)
 

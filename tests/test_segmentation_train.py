@@ -125,7 +125,7 @@ def test_resume_after_sigkill_ends_with_the_same_weights(backend, fake_root, tmp
     first checkpoint and resumed: weights, statistics and losses equal the uninterrupted run's."""
     full, killed = tmp_path / 'full', tmp_path / 'killed'
     settings = ['epochs=2', 'pbn_group_size={0: 1, 3: 2}']
-    launcher = (lambda cmd: jobs.horovodrun(2, cmd)) if backend == 'horovod' else list
+    launcher = lambda cmd: jobs.launch_command(backend, 2, cmd)
     if backend == 'horovod':
         settings += ['backend=horovod', 'devices=1']
     run(launcher(train_command('cpu_fake_pbn.yaml', fake_root, full, *settings)))

@@ -170,9 +170,8 @@ def launch(cfgs, timeout, bar, on_result):
     while pending:
         first = pending[0]
         env = jobs.worker_env(first['backend'], first['contexts'], timeout)
-        cmd = [sys.executable, DEMO, '--worker', json.dumps(pending)]
-        if first['backend'] == 'horovod':
-            cmd = jobs.horovodrun(first['contexts'], cmd)
+        cmd = jobs.launch_command(first['backend'], first['contexts'],
+                                  [sys.executable, DEMO, '--worker', json.dumps(pending)])
         state = {'current': None, 'done': 0}
 
         def on_line(line):
