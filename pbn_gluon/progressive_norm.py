@@ -33,11 +33,14 @@ class ProgressiveBatchNorm(BatchStatsNorm):
     group_size : int, {step: int} or Schedule, default None
         Number of consecutive devices (by rank) whose moments are pooled. None: all devices.
         Must divide the device count.
-    variant : 'plus' (default) or 'paper'
+    variant : 'plus' (default), 'paper' or 'paper-minimal'
         The defaults of the next two arguments: 'plus' averages the exchanged moments
         (global_momentum 0.8) and mixes the backward (backward='progressive'), which recovered
         SyncBN's accuracy gain on the demo and on GluonCV DeepLab (docs/results.md); 'paper' is
-        the paper's algorithm as specified (0, 'local'). Arguments given explicitly win.
+        the paper's algorithm in the reading its references support and the DeepLab sensitivity
+        study ranked first of eight (docs/pbn-spec.md): averaged moments, local backward
+        (0.8, 'local'); 'paper-minimal' is the literal reading, the previous step's moments
+        alone (0, 'local'). Arguments given explicitly win.
     global_momentum : float in [0, 1), default by `variant`
         The group sums the layer mixes in are an exponential average over the exchanges,
         G <- a G + (1 - a) G_t (count-weighted, since G holds sums); 0 is the specification's
@@ -62,12 +65,14 @@ class ProgressiveBatchNorm(BatchStatsNorm):
     """
 
     #: the defaults of (global_momentum, backward) per variant
-    VARIANTS = {'plus': (0.8, 'progressive'), 'paper': (0.0, 'local')}
+    VARIANTS = {'plus': (0.8, 'progressive'), 'paper': (0.8, 'local'),
+                'paper-minimal': (0.0, 'local')}
 
     def __init__(self, local_weight=None, group_size=None, global_momentum=None,
                  backward=None, variant='plus', **kwargs):
         if variant not in self.VARIANTS:
-            raise ValueError("variant must be 'plus' or 'paper', got %r" % (variant,))
+            raise ValueError('variant must be one of %s, got %r'
+                             % (', '.join(map(repr, self.VARIANTS)), variant))
         default_momentum, default_backward = self.VARIANTS[variant]
         global_momentum = default_momentum if global_momentum is None else global_momentum
         backward = default_backward if backward is None else backward

@@ -203,15 +203,20 @@ def test_channel_axis_other_than_one_is_batchnorm(axis):
 
 
 def test_default_is_pbn_plus_and_the_paper_one_argument_away():
-    """Defaults follow the study (docs/results.md): averaged moments + progressive backward; the
-    paper's algorithm is variant='paper'; explicit arguments win over either."""
+    """Defaults follow the studies (docs/results.md): averaged moments + progressive backward;
+    the paper's algorithm in its best-supported reading is variant='paper' (averaged moments,
+    local backward: docs/pbn-spec.md), its literal reading 'paper-minimal'; explicit arguments
+    win over any."""
     plus = pbn_gluon.ProgressiveBatchNorm()
     assert (plus.global_momentum, plus.backward_mode, plus.exchange_rows) == (0.8, 'progressive', 5)
     paper = pbn_gluon.ProgressiveBatchNorm(variant='paper')
-    assert (paper.global_momentum, paper.backward_mode, paper.exchange_rows) == (0.0, 'local', 3)
-    mixed = pbn_gluon.ProgressiveBatchNorm(variant='paper', backward='progressive')
+    assert (paper.global_momentum, paper.backward_mode, paper.exchange_rows) == (0.8, 'local', 3)
+    minimal = pbn_gluon.ProgressiveBatchNorm(variant='paper-minimal')
+    assert (minimal.global_momentum, minimal.backward_mode) == (0.0, 'local')
+    mixed = pbn_gluon.ProgressiveBatchNorm(variant='paper-minimal', backward='progressive')
     assert (mixed.global_momentum, mixed.backward_mode) == (0.0, 'progressive')
-    with pytest.raises(ValueError, match="variant must be 'plus' or 'paper'"):
+    with pytest.raises(ValueError, match="variant must be one of 'plus', 'paper', "
+                                         "'paper-minimal', got 'spec'"):
         pbn_gluon.ProgressiveBatchNorm(variant='spec')
 
 
