@@ -1,7 +1,7 @@
 """How reproducible a study run is (issue 23): the first steps of one study run (DeepLabV3-
 ResNet18, 8 CPU devices of one process, seed 0) trained again and again, under the study's own
 settings twice and under settings a machine of the same kind may have otherwise: OpenMP threads,
-oneDNN off. The losses of every step are compared with the first run's, to the bit.
+oneDNN held to AVX2 or off. The losses of every step are compared with the first run's, to the bit.
 
     python scripts/study_repro.py                       # bn and pbn+, 5 steps each
     python scripts/study_repro.py --norms pbn+ --steps 10
@@ -22,9 +22,11 @@ sys.path.insert(0, os.path.join(ROOT, 'scripts'))
 
 import study  # noqa: E402  (the study's runs, data and environment)
 
-#: the settings compared: name -> environment changes (None: unset). 'study' twice: the same
-#: command on the same machine.
+#: the settings compared: name -> environment changes. 'study' twice: the same command on the
+#: same machine; oneDNN held to AVX2 stands for a machine of the same kind whose CPU lacks the
+#: AVX-512 kernels oneDNN would pick (oneDNN chooses its kernels by the CPU's instruction set).
 SETTINGS = [('study', {}), ('study again', {}), ('OMP_NUM_THREADS=1', {'OMP_NUM_THREADS': '1'}),
+            ('oneDNN AVX2 only', {'DNNL_MAX_CPU_ISA': 'AVX2'}),
             ('oneDNN off', {'MXNET_MKLDNN_ENABLED': '0'})]
 
 
