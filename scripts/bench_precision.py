@@ -77,7 +77,7 @@ def measure(norm, devices, mean, std):
     ctxs = ctxs if norm != 'bn' else ctxs[:1]
     layer = {'bn': lambda: nn.BatchNorm(in_channels=C),
              'syncbn': lambda: pbn_gluon.SyncBatchNorm(in_channels=C),
-             'pbn': lambda: pbn_gluon.ProgressiveBatchNorm(variant='paper', in_channels=C, local_weight=W)}[norm]()
+             'pbn': lambda: pbn_gluon.ProgressiveBatchNorm(variant='paper-minimal', in_channels=C, local_weight=W)}[norm]()
     layer.initialize(ctx=ctxs)
     layer.hybridize()
     sync = pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs)) if norm != 'bn' else None

@@ -18,7 +18,7 @@ def make_net(norm, channels=4, local_weight=0.5, seed=7):
                   beta_initializer=mx.init.Constant(mx.nd.array(np.linspace(-1.0, 1.0, channels))))
     layer = {'bn': lambda: gluon.nn.BatchNorm(**affine),
              'pbn': lambda: pbn_gluon.ProgressiveBatchNorm(
-                 variant='paper', local_weight=local_weight, **affine),
+                 variant='paper-minimal', local_weight=local_weight, **affine),
              'syncbn': lambda: pbn_gluon.SyncBatchNorm(**affine)}[norm]()
     net.add(gluon.nn.Conv2D(channels, 3, padding=1, in_channels=3,
                             weight_initializer=mx.init.Constant(_conv_weight(channels, seed))),

@@ -75,7 +75,7 @@ def test_resumed_run_continues_exactly(tmp_path):
     def build():
         net = gluon.nn.HybridSequential()
         net.add(gluon.nn.Conv2D(4, 3, in_channels=3, weight_initializer=mx.init.Constant(0.1)),
-                pbn_gluon.ProgressiveBatchNorm(variant='paper', local_weight=0.5))
+                pbn_gluon.ProgressiveBatchNorm(variant='paper-minimal', local_weight=0.5))
         net.initialize(ctx=ctxs)
         net.hybridize()
         return net, pbn_gluon.StatsSync(net, pbn_gluon.LocalComm(ctxs))

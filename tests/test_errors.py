@@ -7,7 +7,7 @@ import pbn_gluon
 
 
 def test_channel_count_mismatch():
-    layer = pbn_gluon.ProgressiveBatchNorm(variant='paper', in_channels=4)
+    layer = pbn_gluon.ProgressiveBatchNorm(variant='paper-minimal', in_channels=4)
     layer.initialize()
     with pytest.raises(ValueError, match='4 channels'):
         layer(nd.ones((2, 3, 5, 5)))
@@ -15,7 +15,7 @@ def test_channel_count_mismatch():
 
 def test_group_size_must_divide_devices():
     net = gluon.nn.HybridSequential()
-    net.add(pbn_gluon.ProgressiveBatchNorm(variant='paper', group_size=3))
+    net.add(pbn_gluon.ProgressiveBatchNorm(variant='paper-minimal', group_size=3))
     with pytest.raises(ValueError, match='does not divide the 4 devices'):
         pbn_gluon.StatsSync(net, pbn_gluon.LocalComm([mx.cpu(i) for i in range(4)]))
 
@@ -23,7 +23,7 @@ def test_group_size_must_divide_devices():
 @pytest.mark.parametrize('spec', ['exponential', 1.5, [0.5]])
 def test_unknown_local_weight_schedule(spec):
     with pytest.raises(ValueError, match='local_weight'):
-        pbn_gluon.ProgressiveBatchNorm(variant='paper', local_weight=spec)
+        pbn_gluon.ProgressiveBatchNorm(variant='paper-minimal', local_weight=spec)
 
 
 def test_statssync_needs_norm_layers():
@@ -34,7 +34,7 @@ def test_statssync_needs_norm_layers():
 
 
 def test_statssync_on_other_contexts():
-    net = pbn_gluon.ProgressiveBatchNorm(variant='paper')
+    net = pbn_gluon.ProgressiveBatchNorm(variant='paper-minimal')
     net.initialize(ctx=[mx.cpu(0)])
     x = nd.ones((2, 3, 2, 2))
     x.attach_grad()

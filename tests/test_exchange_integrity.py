@@ -98,7 +98,7 @@ def test_trainer_first_or_sync_first_train_alike(kvstore, pbn_kwargs):
 def test_state_is_never_written_through_list_data():
     """What a Trainer or kvstore broadcast gets (all arrays at once) are copies."""
     ctxs = [mx.cpu(0), mx.cpu(1)]
-    layer = pbn_gluon.ProgressiveBatchNorm(variant='paper', in_channels=C)
+    layer = pbn_gluon.ProgressiveBatchNorm(variant='paper-minimal', in_channels=C)
     layer.initialize(ctx=ctxs)
     for array in layer.batch_sums.list_data():
         array[:] = 7.0
@@ -201,7 +201,7 @@ def test_large_mean_keeps_precision(norm, devices, mean, std):
     x0, dy0 = data(sizes, 0, mean, std)
     x1, dy1 = data(sizes, 1, mean, std)
     if norm == 'pbn':
-        layer = pbn_gluon.ProgressiveBatchNorm(variant='paper', in_channels=C, local_weight=0.3)
+        layer = pbn_gluon.ProgressiveBatchNorm(variant='paper-minimal', in_channels=C, local_weight=0.3)
     else:
         layer = pbn_gluon.SyncBatchNorm(in_channels=C)
     layer.initialize(ctx=ctxs)
@@ -234,7 +234,7 @@ def test_layer_skipped_on_one_device_sends_nothing():
     """2 contexts, w = 0: device 1 does not run the layer at step 1; the group sums are numpy's
     over device 0's batch alone, and the running statistics follow them."""
     ctxs = [mx.cpu(0), mx.cpu(1)]
-    layer = pbn_gluon.ProgressiveBatchNorm(variant='paper', in_channels=C, local_weight=0.0)
+    layer = pbn_gluon.ProgressiveBatchNorm(variant='paper-minimal', in_channels=C, local_weight=0.0)
     layer.initialize(ctx=ctxs)
     sync = pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs))
     x0, dy0 = data([2, 3], 0)
@@ -254,7 +254,7 @@ def test_nan_at_first_step_leaves_running_statistics():
     """A NaN in device 1's batch at step 0: the sums are rejected and the running statistics
     stay BatchNorm's initial ones (0 and 1)."""
     ctxs = [mx.cpu(0), mx.cpu(1)]
-    layer = pbn_gluon.ProgressiveBatchNorm(variant='paper', in_channels=C)
+    layer = pbn_gluon.ProgressiveBatchNorm(variant='paper-minimal', in_channels=C)
     layer.initialize(ctx=ctxs)
     sync = pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs))
     xs, dys = data([2, 3], 0)
@@ -270,7 +270,7 @@ def test_nan_at_first_step_leaves_running_statistics():
 def test_large_finite_values_are_accepted():
     """Values near 1e20 are finite: their sums (x^2 ~ 1e40) are exchanged, not rejected."""
     ctxs = [mx.cpu(0), mx.cpu(1)]
-    layer = pbn_gluon.ProgressiveBatchNorm(variant='paper', in_channels=C)
+    layer = pbn_gluon.ProgressiveBatchNorm(variant='paper-minimal', in_channels=C)
     layer.initialize(ctx=ctxs)
     sync = pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs))
     xs, dys = data([2, 3], 0, mean=1e20, std=1e19)
@@ -331,7 +331,7 @@ def test_grad_req_add_accumulates(norm, devices, hybridize):
 def test_collect_params_setattr_add_leaves_state_without_gradient():
     """net.collect_params().setattr('grad_req', 'add') (gradient accumulation) does not give
     the exchange state a gradient the Trainer would update."""
-    layer = pbn_gluon.ProgressiveBatchNorm(variant='paper', in_channels=C)
+    layer = pbn_gluon.ProgressiveBatchNorm(variant='paper-minimal', in_channels=C)
     layer.initialize()
     layer.collect_params().setattr('grad_req', 'add')
     assert layer.batch_sums.grad_req == layer.global_sums.grad_req == 'null'
@@ -348,7 +348,7 @@ DROPOUT_SCRIPT = textwrap.dedent('''
     x = nd.array(np.random.RandomState(0).normal(1.5, 2.0, (2, 3, 6, 6)))
     results = []
     for norm in (nn.BatchNorm(in_channels=4),
-                 pbn_gluon.ProgressiveBatchNorm(variant='paper', in_channels=4, local_weight=1.0)):
+                 pbn_gluon.ProgressiveBatchNorm(variant='paper-minimal', in_channels=4, local_weight=1.0)):
         net = nn.HybridSequential()
         net.add(nn.Conv2D(4, 3, in_channels=3), norm, nn.Dropout(0.5))
         mx.random.seed(5)
@@ -394,7 +394,7 @@ def test_reinferred_channels_never_write_out_of_bounds():
     script = textwrap.dedent('''
         import mxnet as mx, numpy as np, pbn_gluon
         from mxnet import autograd, nd
-        layer = pbn_gluon.ProgressiveBatchNorm(variant='paper')
+        layer = pbn_gluon.ProgressiveBatchNorm(variant='paper-minimal')
         layer.initialize()
         sync = pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm([mx.cpu()]))
         with autograd.record():

@@ -41,7 +41,7 @@ def test_nan_batch_on_one_device_leaves_the_others_finite(group_size, global_mom
     moments, and so are the running statistics."""
     ctxs = [mx.cpu(i) for i in range(4)]
     w, a = 0.5, global_momentum
-    layer = build(pbn_gluon.ProgressiveBatchNorm(variant='paper', in_channels=C, local_weight=w,
+    layer = build(pbn_gluon.ProgressiveBatchNorm(variant='paper-minimal', in_channels=C, local_weight=w,
                                                  group_size=group_size,
                                                  global_momentum=a), ctxs, True)
     sync = pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs))
@@ -76,7 +76,7 @@ def test_nan_batch_on_one_device_leaves_the_others_finite(group_size, global_mom
 
 def test_finite_steps_are_not_counted():
     ctxs = [mx.cpu(0), mx.cpu(1)]
-    layer = build(pbn_gluon.ProgressiveBatchNorm(variant='paper', in_channels=C, local_weight=0.5), ctxs, False)
+    layer = build(pbn_gluon.ProgressiveBatchNorm(variant='paper-minimal', in_channels=C, local_weight=0.5), ctxs, False)
     sync = pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs))
     with warnings.catch_warnings():
         warnings.simplefilter('error', RuntimeWarning)

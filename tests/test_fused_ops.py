@@ -236,7 +236,7 @@ def test_inputs_without_gradient_still_exchange_their_moments(hybridize):
     moments and the running statistics follow them (against numpy)."""
     ctxs = [mx.cpu(0), mx.cpu(1)]
     w = 0.25
-    layer = build(pbn_gluon.ProgressiveBatchNorm(variant='paper', in_channels=C, local_weight=w), ctxs, hybridize)
+    layer = build(pbn_gluon.ProgressiveBatchNorm(variant='paper-minimal', in_channels=C, local_weight=w), ctxs, hybridize)
     sync = pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs))
     sizes = [2, 3]
     running_mean, running_var = np.zeros(C), np.ones(C)
@@ -265,7 +265,7 @@ def test_inputs_without_gradient_still_exchange_their_moments(hybridize):
 def test_first_step_with_low_weight_is_local_batchnorm():
     """Before any exchange a PBN layer has no group moments: it is BatchNorm on its device."""
     ctxs = [mx.cpu(0), mx.cpu(1)]
-    layer = build(pbn_gluon.ProgressiveBatchNorm(variant='paper', in_channels=C, local_weight=0.1), ctxs, True)
+    layer = build(pbn_gluon.ProgressiveBatchNorm(variant='paper-minimal', in_channels=C, local_weight=0.1), ctxs, True)
     pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs))
     xs, dys = batches([2, 1], 7)
     ys, dxs = step(layer, xs, dys, ctxs)
@@ -281,7 +281,7 @@ def test_averaged_global_moments_match_numpy():
     follow the same averaged sums."""
     ctxs = [mx.cpu(0), mx.cpu(1)]
     w, rate = 0.5, 0.8
-    layer = build(pbn_gluon.ProgressiveBatchNorm(variant='paper', in_channels=C, local_weight=w,
+    layer = build(pbn_gluon.ProgressiveBatchNorm(variant='paper-minimal', in_channels=C, local_weight=w,
                                                  global_momentum=rate), ctxs, True)
     sync = pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs))
     sizes = [2, 3]
@@ -338,7 +338,7 @@ def test_progressive_backward_matches_numpy(hybridize):
     of dy and dy*xhat of step 0 (whose forward, with no group sums yet, was local BatchNorm)."""
     ctxs = [mx.cpu(i) for i in range(4)]
     w = 0.3
-    layer = build(pbn_gluon.ProgressiveBatchNorm(variant='paper', in_channels=C, local_weight=w,
+    layer = build(pbn_gluon.ProgressiveBatchNorm(variant='paper-minimal', in_channels=C, local_weight=w,
                                                  backward='progressive'), ctxs, hybridize)
     sync = pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs))
     sizes = [2, 1, 3, 2]
@@ -360,7 +360,7 @@ def test_progressive_backward_matches_numpy(hybridize):
 def test_local_weight_one_is_batchnorm_in_both_backwards(backward):
     """w = 1: whatever the backward option, outputs and gradients are BatchNorm's (step 2)."""
     ctxs = [mx.cpu(0), mx.cpu(1)]
-    layer = build(pbn_gluon.ProgressiveBatchNorm(variant='paper', in_channels=C, local_weight=1.0,
+    layer = build(pbn_gluon.ProgressiveBatchNorm(variant='paper-minimal', in_channels=C, local_weight=1.0,
                                                  backward=backward), ctxs, True)
     sync = pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs))
     for t in range(2):
@@ -378,7 +378,7 @@ def test_progressive_backward_needs_no_gamma_or_beta_gradient():
     matches the numpy reference with gamma 1 and beta 0."""
     ctxs = [mx.cpu(0), mx.cpu(1)]
     w = 0.4
-    layer = pbn_gluon.ProgressiveBatchNorm(variant='paper', in_channels=C, local_weight=w, scale=False,
+    layer = pbn_gluon.ProgressiveBatchNorm(variant='paper-minimal', in_channels=C, local_weight=w, scale=False,
                                            center=False, backward='progressive')
     layer.initialize(ctx=ctxs)
     assert layer.gamma.grad_req == 'null' and layer.beta.grad_req == 'null'

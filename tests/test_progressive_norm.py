@@ -50,7 +50,7 @@ def test_local_weight_one_is_batchnorm(hybridize):
     equal mxnet.gluon.nn.BatchNorm's over three steps."""
     ctx = [mx.cpu(0)]
     bn = build(gluon.nn.BatchNorm(in_channels=C), ctx, hybridize)
-    pbn = build(pbn_gluon.ProgressiveBatchNorm(variant='paper', in_channels=C, local_weight=1.0), ctx, hybridize)
+    pbn = build(pbn_gluon.ProgressiveBatchNorm(variant='paper-minimal', in_channels=C, local_weight=1.0), ctx, hybridize)
     sync = pbn_gluon.StatsSync(pbn, pbn_gluon.LocalComm(ctx))
     for t in range(3):
         xs, dys = batches([3], t)
@@ -75,7 +75,7 @@ def test_second_step_matches_numpy_spec(hybridize, group_size):
     count-weighted moments of step 0 over the device's group (all 4, or pairs)."""
     ctxs = [mx.cpu(i) for i in range(4)]
     w = 0.5
-    layer = build(pbn_gluon.ProgressiveBatchNorm(variant='paper', in_channels=C, local_weight=w,
+    layer = build(pbn_gluon.ProgressiveBatchNorm(variant='paper-minimal', in_channels=C, local_weight=w,
                                                  group_size=group_size), ctxs, hybridize)
     sync = pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs))
     sizes = [2, 1, 3, 2]
@@ -125,7 +125,7 @@ def test_numpy_reference_gradient_matches_finite_differences():
 
 def test_eval_mode_uses_running_statistics():
     """Inference (and use_global_stats=True) normalise with the running statistics only."""
-    layer = build(pbn_gluon.ProgressiveBatchNorm(variant='paper', in_channels=C), [mx.cpu()], True)
+    layer = build(pbn_gluon.ProgressiveBatchNorm(variant='paper-minimal', in_channels=C), [mx.cpu()], True)
     rm, rv = np.linspace(-1, 1, C), np.linspace(0.5, 3, C)
     layer.running_mean.set_data(nd.array(rm))
     layer.running_var.set_data(nd.array(rv))
@@ -133,7 +133,7 @@ def test_eval_mode_uses_running_statistics():
     expected = (GAMMA.reshape(1, -1, 1, 1) * (x - rm.reshape(1, -1, 1, 1))
                 / np.sqrt(rv.reshape(1, -1, 1, 1) + EPS) + BETA.reshape(1, -1, 1, 1))
     np.testing.assert_allclose(layer(nd.array(x)).asnumpy(), expected, rtol=1e-5, atol=1e-5)
-    frozen = build(pbn_gluon.ProgressiveBatchNorm(variant='paper', in_channels=C, use_global_stats=True),
+    frozen = build(pbn_gluon.ProgressiveBatchNorm(variant='paper-minimal', in_channels=C, use_global_stats=True),
                    [mx.cpu()], False)
     frozen.running_mean.set_data(nd.array(rm))
     frozen.running_var.set_data(nd.array(rv))
@@ -159,7 +159,7 @@ def test_group_schedule_and_local_weight_reach_the_graph():
     linearly to 1/G over 2 steps. Step t mixes in the group sums of step t-1, exchanged with
     the group size of step t-1."""
     ctxs = [mx.cpu(i) for i in range(2)]
-    layer = build(pbn_gluon.ProgressiveBatchNorm(variant='paper', 
+    layer = build(pbn_gluon.ProgressiveBatchNorm(variant='paper-minimal', 
         in_channels=C, local_weight=pbn_gluon.schedules.Linear(start=0, steps=2),
         group_size={0: 1, 2: 2}), ctxs, True)
     sync = pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs))
@@ -190,7 +190,7 @@ def test_channel_axis_other_than_one_is_batchnorm(axis):
     dy = rng.normal(0, 1, shape).astype(np.float32)
     results = []
     for layer in (gluon.nn.BatchNorm(axis=axis, in_channels=C),
-                  pbn_gluon.ProgressiveBatchNorm(variant='paper', axis=axis, in_channels=C, local_weight=1.0)):
+                  pbn_gluon.ProgressiveBatchNorm(variant='paper-minimal', axis=axis, in_channels=C, local_weight=1.0)):
         build(layer, [mx.cpu(0)], hybridize=True)
         a = nd.array(x)
         a.attach_grad()
@@ -226,7 +226,7 @@ def test_local_weight_one_default_variant_statistics(devices):
     gamma/beta gradients are nn.BatchNorm's on each device's batch; the running statistics
     are the documented ones (numpy): the exponential average (momentum 0.9) of the moments of
     the group sums averaged over exchanges, G <- 0.8 G + 0.2 G_t, which differ from
-    BatchNorm's on drifting data (BatchNorm's own: variant='paper', test above)."""
+    BatchNorm's on drifting data (BatchNorm's own: variant='paper-minimal', test above)."""
     ctxs = [mx.cpu(i) for i in range(devices)]
     pbn = build(pbn_gluon.ProgressiveBatchNorm(in_channels=C, local_weight=1.0), ctxs, True)
     trainer = pbn_gluon.Trainer(pbn.collect_params(), 'sgd', {'learning_rate': 0.0})

@@ -31,7 +31,7 @@ def train_step(layer, xs, dys, ctxs, trainer, sync=None):
 
 
 def pbn_layer(ctxs, w=0.5):
-    return build(pbn_gluon.ProgressiveBatchNorm(variant='paper', in_channels=C, local_weight=w),
+    return build(pbn_gluon.ProgressiveBatchNorm(variant='paper-minimal', in_channels=C, local_weight=w),
                  ctxs, hybridize=True)
 
 
