@@ -9,25 +9,17 @@ from mxnet import autograd, gluon, nd
 
 import pbn_gluon
 import reference
-from test_progressive_norm import BETA, C, EPS, GAMMA, batches, build
+from test_progressive_norm import BETA, C, EPS, GAMMA, batches, build, step
 
 
 def train_step(layer, xs, dys, ctxs, trainer, sync=None):
-    """Forward and backward of `layer` alone (loss sum(dy * y)), the exchange, the update;
-    returns outputs, input gradients and gamma/beta gradients summed over devices (read
-    before the update)."""
-    inputs = [nd.array(x, ctx=c) for x, c in zip(xs, ctxs)]
-    for x in inputs:
-        x.attach_grad()
-    with autograd.record():
-        ys = [layer(x) for x in inputs]
-        losses = [(y * nd.array(dy, ctx=y.context)).sum() for y, dy in zip(ys, dys)]
-    autograd.backward(losses)
-    if sync is not None:
-        sync.step()
+    """test_progressive_norm.step (forward and backward of `layer` alone, the exchange), then
+    the update; returns outputs, input gradients and gamma/beta gradients summed over devices
+    (read before the update)."""
+    ys, dxs = step(layer, xs, dys, ctxs, sync)
     grads = [sum(getattr(layer, n).grad(c).asnumpy() for c in ctxs) for n in ('gamma', 'beta')]
     trainer.step(1)
-    return [y.asnumpy() for y in ys], [x.grad.asnumpy() for x in inputs], grads
+    return ys, dxs, grads
 
 
 def pbn_layer(ctxs, w=0.5):
