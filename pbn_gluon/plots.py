@@ -4,7 +4,10 @@ drawn (headless backend), so importing this module costs nothing."""
 __all__ = ['NORM_COLORS', 'pyplot', 'save', 'plot_curves']
 
 NORM_COLORS = {'bn': 'tab:red', 'syncbn': 'tab:blue', 'pbn': 'tab:green', 'pbn+': 'tab:olive',
-               'gn': 'tab:gray'}
+               'gn': 'tab:gray', 'pbn-avg': 'tab:green', 'pbn-w1/2-rall': 'tab:purple',
+               'pbn-w1/4-rall': 'tab:pink', 'pbn-w1/8-rall': 'tab:brown',
+               'pbn-w1/2-r50': 'tab:cyan', 'pbn-w1/4-r50': 'tab:orange',
+               'pbn-w1/8-r50': 'black', 'pbn-groups': 'gold'}
 
 
 def pyplot():
