@@ -71,8 +71,9 @@ DOCS_EXAMPLES = [(page, block) for page in PAGES if page != 'README.md'
 @pytest.mark.parametrize('page, block', DOCS_EXAMPLES,
                          ids=['%s:%d' % (p, i) for i, (p, _) in enumerate(DOCS_EXAMPLES)])
 def test_docs_examples_run(page, block, tmp_path):
-    """A ```python block of docs/ that starts with '# docs example' runs as written."""
-    run(block, tmp_path)
+    """A ```python block of docs/ that starts with '# docs example' runs as written (run()
+    asserts its exit status 0)."""
+    assert run(block, tmp_path) is not None
 
 
 def test_every_python_block_of_docs_is_a_tested_example():
