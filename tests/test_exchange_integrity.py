@@ -386,6 +386,7 @@ def test_dropout_after_pbn_draws_what_it_draws_after_batchnorm(hybridize):
 
 # -- shape re-inference -----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_reinferred_channels_never_write_out_of_bounds():
     """A layer whose gamma/beta/running statistics lost their shape (as GluonCV's
     prune_gluon_block does) and then sees another channel count: BatchNorm's behaviour (it
@@ -423,6 +424,7 @@ def test_reinferred_channels_never_write_out_of_bounds():
     assert out.startswith('RAN (8,) (24,)'), out     # BatchNorm's behaviour, state included
 
 
+@pytest.mark.slow
 def test_gluoncv_pruned_model_trains_with_pbn():
     """GluonCV's pruned ResNets (prune_gluon_block resets the norm parameters' shapes to None)
     built with norm_layer=ProgressiveBatchNorm: 2 steps on 2 contexts, the state follows the

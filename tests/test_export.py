@@ -151,6 +151,7 @@ def test_running_stats_exported_are_the_pbn_layers(trained, exported):
                                rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_onnx_export_of_the_exported_model(trained, exported, tmp_path):
     onnx = pytest.importorskip('onnx')
     from onnx.reference import ReferenceEvaluator

@@ -145,6 +145,7 @@ def test_processes_with_different_nets_fail_clearly(tmp_path):
     assert 'processes run different nets' in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('backend', ['horovod', 'kvstore'])
 def test_trainer_and_sync_order_across_processes(backend, tmp_path):
     """2 processes, PBN with both extensions as the first layer: Horovod's DistributedTrainer,

@@ -22,6 +22,7 @@ def run_script(name, *args):
     return result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_bench_norm_quick(tmp_path):
     out = tmp_path / 'bench.json'
@@ -76,6 +77,7 @@ def test_bench_ratio_interval_spans_the_repeats():
     assert low <= 0.642 and high >= 0.77
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_demo_quick(tmp_path):
     stdout = run_script('demo.py', '--quick', '--out', str(tmp_path))

@@ -89,7 +89,7 @@ def test_two_contexts_learn_a_repeated_batch_and_evaluate(norm, fake_root, tmp_p
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize('norm', ['syncbn', 'pbn'])
+@pytest.mark.parametrize('norm', [pytest.param('syncbn', marks=pytest.mark.slow), 'pbn'])
 def test_two_horovod_processes_learn_a_repeated_batch_and_evaluate(norm, fake_root, tmp_path):
     run_dir = tmp_path / 'run'
     run(jobs.horovodrun(2, train_command('cpu_fake_%s.yaml' % norm, fake_root, run_dir,
@@ -118,7 +118,8 @@ def test_kvstore_workers_learn_a_repeated_batch(norm, fake_root, tmp_path):
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize('backend', ['local', pytest.param('horovod', marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize('backend', ['local', 'horovod'])
 def test_resume_after_sigkill_ends_with_the_same_weights(backend, fake_root, tmp_path):
     """PBN on 2 devices, 2 epochs of 2 iterations, groups of 1 device until iteration 3 (so
     the replicas' running statistics differ), then of 2. One run is killed right after its

@@ -205,12 +205,13 @@ def damage(path, how):
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize('name, how', [('checkpoints/epoch_0001/model.params', 'truncated'),
-                                       ('checkpoints/epoch_0001/trainer.states', 'empty'),
-                                       ('checkpoints/epoch_0001/trainer.states', 'truncated'),
-                                       ('checkpoints/epoch_0001/sync.npz', 'garbage'),
-                                       ('checkpoints/epoch_0001/meta.json', 'truncated'),
-                                       ('checkpoint.json', 'garbage')])
+@pytest.mark.parametrize('name, how', [
+    ('checkpoints/epoch_0001/model.params', 'truncated'),
+    pytest.param('checkpoints/epoch_0001/trainer.states', 'empty', marks=pytest.mark.slow),
+    ('checkpoints/epoch_0001/trainer.states', 'truncated'),
+    ('checkpoints/epoch_0001/sync.npz', 'garbage'),
+    pytest.param('checkpoints/epoch_0001/meta.json', 'truncated', marks=pytest.mark.slow),
+    pytest.param('checkpoint.json', 'garbage', marks=pytest.mark.slow)])
 def test_resume_from_a_damaged_file_names_it(name, how, pbn_run, fake_root, tmp_path):
     run_dir = copy_run(pbn_run, tmp_path)
     damage(run_dir / name, how)

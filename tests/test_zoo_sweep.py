@@ -27,6 +27,7 @@ def run_sweep(tmp_path, *args, env=None):
         return json.load(f)['models'], (tmp_path / 'sweep.md').read_text(), proc
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1600)
 def test_sweep_runs_three_small_models_with_bn_pbn_and_convert_norm(tmp_path):
     results, table, _ = run_sweep(tmp_path, '--models', *MODELS, '--timeout', '600')
@@ -45,6 +46,7 @@ def test_sweep_runs_three_small_models_with_bn_pbn_and_convert_norm(tmp_path):
     assert again == results
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_crash_is_one_row_and_the_other_variants_still_run(tmp_path):
     results, table, _ = run_sweep(tmp_path, '--models', 'mobilenet0.25', 'no_such_model',
