@@ -10,6 +10,9 @@
  *
  * backward, with dbeta = sum dy, dgamma = sum dy xhat:
  *   dx = gamma r (dy - k1 - xhat k2),  k1 = w dbeta / n,  k2 = w dgamma / n
+ *   progressive backward (5-row G): k1 += (1 - w) G3 / G2,  k2 += (1 - w) G4 / G2
+ *   d G0 = (1 - w) / G2 (dL/dmu - 2 mu dL/dvar),  d G1 = (1 - w) / G2 dL/dvar,  d G2 = 0
+ *   with dL/dmu = -gamma r dbeta, dL/dvar = -gamma r^2 dgamma / 2.
  *
  * The elementwise passes subtract the (float32) mean first, in float32:
  *   y  = s (x - m) + (beta - s (mu - m)),       s = gamma r, m = (float) mu
@@ -18,9 +21,6 @@
  * |mu| / std, which loses that many ulps (y = beta + 2e-2 for a channel of constant 1000;
  * nn.BatchNorm gives beta). x - m is exact while x is within a factor 2 of m, and the
  * offset's mu - m (the mean's rounding) is taken in double.
- *   progressive backward (5-row G): k1 += (1 - w) G3 / G2,  k2 += (1 - w) G4 / G2
- *   d G0 = (1 - w) / G2 (dL/dmu - 2 mu dL/dvar),  d G1 = (1 - w) / G2 dL/dvar,  d G2 = 0
- *   with dL/dmu = -gamma r dbeta, dL/dvar = -gamma r^2 dgamma / 2.
  *
  * "sync" mode (SyncBN): w = 0 and G holds the CURRENT step's group sums, whose gradient the
  * graph carries back through the exchange. Inference: mu, var are the running statistics.
