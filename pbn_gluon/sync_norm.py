@@ -155,15 +155,15 @@ class SyncBatchNorm(BatchStatsNorm):
         copies (MXNET_CPU_PARALLEL_RAND_COPY, ~5 MB each); nodes of two devices on one copy run
         in push order, and across this layer's meeting that order can wait on itself unless
         every node has its own copy (docs/limitations.md). MXNet's reductions and
-        BatchNorm need only temp space, whose copies are cheap.
+        broadcast operators need at most temp space, whose copies are cheap.
 
         The sums are double: Q - M^2 would cancel in float32 once |mean| / std passes ~100.
         y = (x - mean) scale + beta with (mean, var) this step's group moments while training
         and the running statistics in inference, scale = gamma / sqrt(var + eps): the mean is
-        subtracted first, so that nothing cancels in float32. BatchNorm's fused inference
-        operator would need y = (x - running_mean) scale' + beta', whose two terms are
-        |mean - running_mean| / std times y, and whose gradient dgamma is their float32
-        difference."""
+        subtracted first, so that nothing cancels in float32 (three elementwise passes where
+        BatchNorm's fused inference operator is one, but that operator would need
+        y = (x - running_mean) scale' + beta', whose two terms are |mean - running_mean| / std
+        times y, and whose dgamma and dx are their float32 differences)."""
         eps, axis = self._epsilon, self._axis
         x64 = F.cast(x, 'float64')
         shape = F.cast(F.shape_array(x), 'float64')
