@@ -159,6 +159,7 @@ class SyncBatchNorm(BatchStatsNorm):
 
         The sums are double: Q - M^2 would cancel in float32 once |mean| / std passes ~100.
         y = (x - mean) scale + beta with (mean, var) this step's group moments while training
+        (beta less scale times the float32 mean's rounding)
         and the running statistics in inference, scale = gamma / sqrt(var + eps): the mean is
         subtracted first, so that nothing cancels in float32 (three elementwise passes where
         BatchNorm's fused inference operator is one, but that operator would need
@@ -182,14 +183,15 @@ class SyncBatchNorm(BatchStatsNorm):
         mean = F.reshape(F.slice_axis(group, axis=0, begin=0, end=1) / count, (-1,))
         var = F.relu(F.reshape(F.slice_axis(group, axis=0, begin=1, end=2) / count, (-1,))
                      - F.square(mean))
-        mean, var = F.cast(mean, 'float32'), F.cast(var, 'float32')
-        training = F.broadcast_mul(1 - is_inference, F.ones_like(mean))
-        mean = F.where(training, mean, running_mean)
+        mean32, var = F.cast(mean, 'float32'), F.cast(var, 'float32')
+        # the float32 mean is off by up to |mean| 2^-24; beta takes the difference
+        rounding = F.cast(mean - F.cast(mean32, 'float64'), 'float32')
+        training = F.broadcast_mul(1 - is_inference, F.ones_like(mean32))
+        mean = F.where(training, mean32, running_mean)
         var = F.where(training, var, running_var)
         if not self._scale:
             gamma = F.ones_like(gamma)
         scale = gamma * F.rsqrt(var + eps)
-        # + 0 (C,): shape inference reaches beta through an elementwise operator (deferred init)
-        beta = beta + F.zeros_like(scale)
+        beta = beta - scale * rounding * training
         centred = F.broadcast_sub(x, per_channel(mean))
         return F.broadcast_add(F.broadcast_mul(centred, per_channel(scale)), per_channel(beta))
