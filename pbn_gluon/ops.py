@@ -10,8 +10,10 @@ the processes of a Horovod or KVStore job can import pbn_gluon at the same time.
 The cache is checked, never trusted: beside the library, ``libpbn_ops.so.sha256`` (written at
 build time) holds its size and SHA-256, and a library that does not match them (a full disk, a
 killed copy: loading a truncated library dies with SIGBUS) is rebuilt before it is loaded. A
-build compiles into a temporary file and renames it; temporaries left by a killed build are
-removed under the lock. When the cache cannot be written (a read-only file system,
+build compiles in a temporary directory beside the library (``.build-*``) and renames the
+result; the directory goes when the build ends. A killed build leaves it, and its compiler,
+now an orphan, may still write into it: the next build removes it under the lock (the orphan
+then has nowhere to write), as does any later load that finds the lock free. When the cache cannot be written (a read-only file system,
 ``$PBN_GLUON_CACHE`` under a regular file), the library is built in a per-user temporary
 directory instead, with a warning that names ``PBN_GLUON_CACHE``; when that fails too, a
 BuildError names both.
@@ -181,19 +183,45 @@ def _writable_dir(directory):
         return '%s: %s' % (err.filename or directory, err.strerror or err)
 
 
+#: the temporary build directories, beside the library
+BUILD_PREFIX = '.build-'
+
+
+def _leftovers(directory):
+    """What killed builds left in `directory`: build directories, and the temporaries that
+    earlier versions compiled beside the library."""
+    return (glob.glob(os.path.join(directory, BUILD_PREFIX + '*'))
+            + glob.glob(os.path.join(directory, 'tmp*.so'))
+            + glob.glob(os.path.join(directory, '*.sha256.tmp')))
+
+
 def _remove_stale_temporaries(directory):
-    """Temporaries of a killed build (only ever written under the lock, which we hold)."""
-    for stale in glob.glob(os.path.join(directory, 'tmp*.so')) + \
-            glob.glob(os.path.join(directory, '*.sha256.tmp')):
-        try:
-            os.unlink(stale)
-        except OSError:
-            pass
+    """Removes _leftovers (call with the lock held: no build is running there)."""
+    for stale in _leftovers(directory):
+        if os.path.isdir(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            try:
+                os.unlink(stale)
+            except OSError:
+                pass
+
+
+def _remove_leftovers_if_idle(directory):
+    """Removes _leftovers when no process builds in `directory` (its lock is free)."""
+    if not _leftovers(directory):
+        return
+    try:
+        with open(os.path.join(directory, '.lock'), 'a') as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _remove_stale_temporaries(directory)
+    except OSError:     # a build holds the lock (it cleans), or the cache is read-only
+        pass
 
 
 def _build(path, nvcc):
     """Compile into `path` (atomically, with its checksum file) unless another process already
-    did; temporaries of a killed build are removed first."""
+    did; what killed builds left is removed first."""
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, '.lock'), 'w') as lock:
@@ -201,9 +229,9 @@ def _build(path, nvcc):
         _remove_stale_temporaries(directory)
         if library_ok(path):
             return
-        fd, tmp = tempfile.mkstemp(suffix='.so', dir=directory)
-        os.close(fd)
-        sums = checksum_path(path) + '.tmp'
+        build_dir = tempfile.mkdtemp(prefix=BUILD_PREFIX, dir=directory)
+        tmp = os.path.join(build_dir, os.path.basename(path))
+        sums = checksum_path(tmp)
         try:
             command = _build_command(tmp, nvcc)
             result = subprocess.run(command, capture_output=True, text=True)
@@ -220,9 +248,7 @@ def _build(path, nvcc):
             os.replace(sums, checksum_path(path))
             os.replace(tmp, path)
         finally:
-            for leftover in (tmp, sums):
-                if os.path.exists(leftover):
-                    os.unlink(leftover)
+            shutil.rmtree(build_dir, ignore_errors=True)
 
 
 def _library(nvcc):
@@ -230,6 +256,7 @@ def _library(nvcc):
     to a per-user temporary directory with a warning."""
     path = library_path(nvcc)
     if library_ok(path):
+        _remove_leftovers_if_idle(os.path.dirname(path))
         return path
     cache = _cache_dir()
     problem = _writable_dir(os.path.dirname(path))

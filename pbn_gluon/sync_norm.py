@@ -155,19 +155,26 @@ class SyncBatchNorm(BatchStatsNorm):
         copies (MXNET_CPU_PARALLEL_RAND_COPY, ~5 MB each); nodes of two devices on one copy run
         in push order, and across this layer's meeting that order can wait on itself unless
         every node has its own copy (docs/limitations.md). MXNet's reductions and
-        BatchNorm need only temp space, whose copies are cheap.
+        broadcast operators need at most temp space, whose copies are cheap.
 
         The sums are double: Q - M^2 would cancel in float32 once |mean| / std passes ~100.
-        y = scale (x - mean) + beta is written for BatchNorm's fused inference operator, whose
-        float32 form (x - running_mean) scale' + beta' loses about |mean - running_mean| / std
-        ulps, as much as nn.BatchNorm loses to |mean| / std."""
+        y = (x - mean) scale + beta with (mean, var) this step's group moments while training
+        (beta less scale times the float32 mean's rounding)
+        and the running statistics in inference, scale = gamma / sqrt(var + eps): the mean is
+        subtracted first, so that nothing cancels in float32 (three elementwise passes where
+        BatchNorm's fused inference operator is one, but that operator would need
+        y = (x - running_mean) scale' + beta', whose two terms are |mean - running_mean| / std
+        times y, and whose dgamma and dx are their float32 differences)."""
         eps, axis = self._epsilon, self._axis
         x64 = F.cast(x, 'float64')
         shape = F.cast(F.shape_array(x), 'float64')
         count = F.BlockGrad(F.prod(shape) / F.slice_axis(
             shape, axis=0, begin=axis, end=axis + 1 if axis != -1 else None))
         total = lambda v: F.sum(v, axis=axis, exclude=True)
-        sum_x = total(x64)
+        # (1, C, 1, ...) for any axis: a per-channel vector reshaped like it broadcasts over x
+        channel_shaped = F.sum(x64, axis=axis, exclude=True, keepdims=True)
+        per_channel = lambda v: F.reshape_like(v, channel_shaped)
+        sum_x = F.reshape(channel_shaped, (-1,))
         sums = F.stack(sum_x, total(F.square(x64)), F.broadcast_mul(F.ones_like(sum_x), count),
                        axis=0)
         group, is_inference = F.Custom(sums, batch_sums, uid=self.uid, keep='1',
@@ -176,12 +183,15 @@ class SyncBatchNorm(BatchStatsNorm):
         mean = F.reshape(F.slice_axis(group, axis=0, begin=0, end=1) / count, (-1,))
         var = F.relu(F.reshape(F.slice_axis(group, axis=0, begin=1, end=2) / count, (-1,))
                      - F.square(mean))
-        mean, var = F.cast(mean, 'float32'), F.cast(var, 'float32')
+        mean32, var = F.cast(mean, 'float32'), F.cast(var, 'float32')
+        # the float32 mean is off by up to |mean| 2^-24; beta takes the difference
+        rounding = F.cast(mean - F.cast(mean32, 'float64'), 'float32')
+        training = F.broadcast_mul(1 - is_inference, F.ones_like(mean32))
+        mean = F.where(training, mean32, running_mean)
+        var = F.where(training, var, running_var)
         if not self._scale:
             gamma = F.ones_like(gamma)
         scale = gamma * F.rsqrt(var + eps)
-        training = F.broadcast_mul(1 - is_inference, F.ones_like(mean))
-        gamma = F.where(training, scale * F.sqrt(running_var + eps), gamma)
-        beta = F.where(training, beta + scale * (running_mean - mean), beta)
-        return F.BatchNorm(x, gamma, beta, running_mean, running_var, eps=eps, fix_gamma=False,
-                           use_global_stats=True, axis=self._axis, cudnn_off=True)
+        beta = beta - scale * rounding * training
+        centred = F.broadcast_sub(x, per_channel(mean))
+        return F.broadcast_add(F.broadcast_mul(centred, per_channel(scale)), per_channel(beta))

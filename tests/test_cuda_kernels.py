@@ -189,7 +189,7 @@ class Kernels:
             self.fn['pbn_norm_forward_finalize']((k['channel_blocks'],), t, (
                 k['partials'], i32(k['splits']), args[0], coef))
             self.fn['pbn_affine']((k['affine_blocks'],), t, (
-                x, out['y'], coef, f32(1.0), coef[C:], *shape, k['lanes']))
+                x, out['y'], coef, f32(1.0), out['mean'], coef[C:], *shape, k['lanes']))
         return run, out
 
     def prepare_backward(self, dy, x, gamma, group, w, is_inference, local_stats, fix_gamma,
@@ -212,7 +212,7 @@ class Kernels:
             self.fn['pbn_norm_backward_finalize']((k['channel_blocks'],), t, (
                 k['partials'], i32(k['splits']), args[0], coef))
             self.fn['pbn_affine_dy']((k['affine_blocks'],), t, (
-                x, dy, out['dx'], coef, coef[C:], coef[2 * C:], *shape, k['lanes']))
+                x, dy, out['dx'], coef, mean, coef[C:], coef[2 * C:], *shape, k['lanes']))
         return run, out
 
     def prepare_sums(self, x, dsums, **plan):
@@ -266,9 +266,9 @@ def reference_forward(x, gamma, beta, rmean, rvar, G, w, training, local_stats, 
     r = 1 / np.sqrt(var + eps)
     g = np.ones(C) if fix_gamma else gamma
     y = (g * r)[None, :, None] * (x - mu[None, :, None]) + beta[None, :, None]
-    # the kernels compute y = (g r) x + (beta - mu g r): float32 rounding scales with the terms
-    y_scale = (np.abs(g * r)[None, :, None] * np.abs(x)
-               + np.abs(beta - mu * g * r)[None, :, None]).max()
+    # the kernels compute y = (g r) (x - m) + (beta - g r (mu - m)), m = (float) mu: float32
+    # rounding scales with these terms, not with |mu| / std
+    y_scale = (np.abs(y - beta[None, :, None]) + np.abs(beta)[None, :, None]).max()
     return dict(y=y, mean=mu, invstd=r, batch_sums=batch_sums, y_scale=y_scale)
 
 
@@ -293,10 +293,10 @@ def reference_backward(dy, x, gamma, G, w, mean, invstd, training, local_stats, 
     dgroup = np.zeros_like(G)
     dgroup[0] = np.where(mixes, (1 - we) / safe * (dmu - 2 * mu * dvar), 0.0)
     dgroup[1] = np.where(mixes, (1 - we) / safe * dvar, 0.0)
-    # the kernels compute dx = a dy + b x + k: float32 rounding scales with these terms
+    # the kernels compute dx = a dy + b (x - mu) + k: float32 rounding scales with these terms
     gr, b = g * r, -g * r * r * k2
-    dx_terms = (np.abs(gr[None, :, None] * dy) + np.abs(b[None, :, None] * x)
-                + np.abs(gr * k1 - b * mu)[None, :, None])
+    dx_terms = (np.abs(gr[None, :, None] * dy) + np.abs(b[None, :, None] * (x - mu[None, :, None]))
+                + np.abs(gr * k1)[None, :, None])
     return dict(dx=dx, dgamma=np.zeros(C) if fix_gamma else sum_dy_xhat, dbeta=sum_dy,
                 dgroup=dgroup, dx_scale=dx_terms.max())
 
@@ -344,24 +344,27 @@ SUMS_CASES = backend_cases([(s, p) for s in SMALL for p in ('auto', 'odd')]
                            + [(WIDE, 'one_block')] + [(s, 'auto') for s in DEEPLAB])
 
 
-def make_inputs(shape, mode, seed=0):
-    """float32 inputs (data with a mean far from 0) and their float64 copies."""
+def make_inputs(shape, mode, seed=0, center=50.0, std=2.0, constant_channel=False):
+    """float32 inputs (data with a mean far from 0: about `center`, spread `std`; channel 0
+    constant if asked) and their float64 copies."""
     is_inference, local_stats, fix_gamma, rows, count_ratio, w = MODES[mode]
     A, C, B = shape
     rng = np.random.default_rng(seed)
-    center = 50 + 3 * rng.random(C)
-    x = (center[None, :, None] + 2 * rng.standard_normal(shape)).astype(f32)
+    center = center + 3 * rng.random(C)
+    x = (center[None, :, None] + std * rng.standard_normal(shape)).astype(f32)
+    if constant_channel:
+        x[:, 0, :] = center[0]
     dy = (0.1 + rng.standard_normal(shape)).astype(f32)
     count = float(count_ratio * A * B)
-    M = center + 0.5 * rng.standard_normal(C)
-    V = 4 + rng.random(C)
+    M = center + 0.25 * std * rng.standard_normal(C)
+    V = std ** 2 * (1 + rng.random(C) / 4)
     G = np.zeros((rows, C))
     G[0], G[1], G[2] = M * count, (V + M * M) * count, count
     if rows == 5:
         G[3], G[4] = 0.05 * count * rng.standard_normal((2, C))
     params = dict(gamma=1 + 0.2 * rng.standard_normal(C), beta=rng.standard_normal(C),
-                  rmean=center + 0.1 * rng.standard_normal(C), rvar=3 + rng.random(C),
-                  G=G)
+                  rmean=center + 0.05 * std * rng.standard_normal(C),
+                  rvar=std ** 2 * (0.75 + rng.random(C) / 4), G=G)
     params = {k: v.astype(f64 if k == 'G' else f32) for k, v in params.items()}   # sums: double
     return x, dy, params, dict(w=w, is_inference=is_inference, local_stats=local_stats,
                                fix_gamma=fix_gamma)
@@ -392,10 +395,27 @@ def check_close(kernels, name, got, want, rtol, scale=None):
 
 @pytest.mark.parametrize('backend,shape,mode,plan', NORM_CASES)
 def test_norm_forward_backward(backends, backend, shape, mode, plan):
-    kernels = backends(backend)
+    check_norm(backends(backend), *make_inputs(shape, mode), plan)
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('mode', MODES)
+def test_far_from_zero(backends, backend, mode):
+    """|mean| / std = 1e4 and a constant channel: y and dx within a few float32 roundings of
+    their own size (check_norm's scales do not grow with |mean| / std, since the kernels
+    subtract the mean first), and a constant channel normalised with its own moments
+    ('first_step': w = 1, BatchNorm) gives exactly beta."""
+    x, dy, p, m = make_inputs((5, 3, 70), mode, center=1e4, std=1.0, constant_channel=True)
+    y = check_norm(backends(backend), x, dy, p, m, 'odd')
+    if mode == 'first_step':
+        np.testing.assert_array_equal(y[:, 0, :], np.full(y[:, 0, :].shape, p['beta'][0]))
+
+
+def check_norm(kernels, x, dy, p, m, plan):
+    """Forward and backward of one case against reference_forward / reference_backward; returns
+    the forward's y (on the host)."""
     close = lambda *a, **k: check_close(kernels, *a, **k)
     host = kernels.asnumpy
-    x, dy, p, m = make_inputs(shape, mode)
     training = m['is_inference'] < 0.5
     x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
     p64 = {k: v.astype(np.float64) for k, v in p.items()}
@@ -409,6 +429,7 @@ def test_norm_forward_backward(backends, backend, shape, mode, plan):
     close('mean', got['mean'], want['mean'], 1e-6)
     close('invstd', got['invstd'], want['invstd'], 1e-4)
     close('y', got['y'], want['y'], 1e-5, scale=want['y_scale'])
+    y = host(got['y'])
     if want['batch_sums'] is not None:
         close('batch_sums', got['batch_sums'], want['batch_sums'], 1e-5)
     else:   # inference leaves them alone
@@ -443,6 +464,7 @@ def test_norm_forward_backward(backends, backend, shape, mode, plan):
               scale=np.abs(dy64).sum(axis=(0, 2)).max())
     else:
         assert (host(got['grad_rows']) == -7.0).all(), 'grad_rows written'
+    return y
 
 
 @pytest.mark.parametrize('backend,shape,plan', SUMS_CASES)

@@ -171,6 +171,56 @@ def test_sums_are_exact_far_from_zero():
     np.testing.assert_allclose(sums, [n * m, n * q, np.full(C, n)], rtol=1e-6)
 
 
+def _batchnorm_errors(x, dy, want):
+    """nn.BatchNorm's own max errors (y, dx, dgamma, dbeta) against `want`, on the same data."""
+    bn = build(gluon.nn.BatchNorm(in_channels=C), [mx.cpu()], False)
+    a = nd.array(x)
+    a.attach_grad()
+    with autograd.record():
+        y = bn(a)
+    y.backward(nd.array(dy))
+    got = (y.asnumpy(), a.grad.asnumpy(), bn.gamma.grad().asnumpy(), bn.beta.grad().asnumpy())
+    return [np.abs(g - w).max() for g, w in zip(got, want)]
+
+
+def test_constant_channel_is_beta():
+    """A constant channel has x - mu = 0: y is exactly beta, as nn.BatchNorm's (the float32
+    form (gamma r) x + (beta - mu gamma r) gave beta + 2e-2 at x = 1000), and dx is
+    gamma r (dy - mean dy)."""
+    x = np.empty((2, C, 4, 4), np.float32)
+    x[:] = np.array([1000.0, -3e4, 7.25, 1e6])[None, :C, None, None]
+    dy = np.random.RandomState(5).normal(0, 1, x.shape).astype(np.float32)
+    y, dx, dgamma, dbeta, _, _ = run_op(x, np.zeros((3, C)), 1.0, dy)
+    np.testing.assert_array_equal(y, np.broadcast_to(BETA.astype(np.float32)[None, :, None, None],
+                                                     x.shape))
+    want = reference.batchnorm(x, GAMMA, BETA, EPS, dy)
+    np.testing.assert_allclose(dx, want[1], rtol=1e-5, atol=1e-5 * np.abs(want[1]).max())
+    np.testing.assert_allclose(dbeta, want[3], rtol=1e-5)
+    assert not dgamma.any()
+
+
+@pytest.mark.parametrize('mean,std', [(1e4, 1.0), (1e3, 1e-1), (-1e5, 10.0)])
+def test_far_from_zero_has_no_cancellation(mean, std):
+    """|mean| / std = 1e4, w = 1, against float64 numpy. y is a few float32 roundings of its own
+    size (error < 1e-5 max |y|) whatever |mean| / std, because the mean is subtracted first
+    (x - m is exact near m); the form (gamma r) x + (beta - mu gamma r) lost |mean| / std ulps
+    (4e-4 of max |y| at 1e4). The backward works from the float32 mean m the forward hands on
+    (|m - mean| up to |mean| 2^-24, 5e-4 std here, as nn.BatchNorm's own mean): its dx, dgamma
+    and dbeta errors stay within nn.BatchNorm's on the same data (measured 8-10x below)."""
+    rng = np.random.RandomState(3)
+    x = (mean + std * rng.normal(size=(4, C, 8, 8))).astype(np.float32)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    want = reference.batchnorm(x, GAMMA, BETA, EPS, dy)
+    got = run_op(x, np.zeros((3, C)), 1.0, dy)[:4]
+    err = [np.abs(g - w).max() for g, w in zip(got, want)]
+    bn = _batchnorm_errors(x, dy, want)
+    scale = np.abs(want[0]).max()
+    assert err[0] <= 1e-5 * scale, 'y: error %.3g of max |y| (nn.BatchNorm %.3g)' % (
+        err[0] / scale, bn[0] / scale)
+    for k, name in ((1, 'dx'), (2, 'dgamma'), (3, 'dbeta')):
+        assert err[k] <= bn[k], '%s: error %.3g, nn.BatchNorm %.3g' % (name, err[k], bn[k])
+
+
 def test_batch_sums_gradient():
     """pbn_batch_sums backward: dx = dS0 + 2 x dS1 (the count row has no gradient)."""
     x = batches([2], 6)[0][0]

@@ -69,3 +69,55 @@ def test_syncbn_without_statssync_fails_clearly(capfd):
             y = layer(x)
         y.wait_to_read()
     assert 'has no exchange: create pbn_gluon.StatsSync' in capfd.readouterr().out
+
+
+def _batchnorm_result(x, dy):
+    """nn.BatchNorm on the concatenated batch: y, dx, dgamma, dbeta."""
+    bn = build(gluon.nn.BatchNorm(in_channels=C), [mx.cpu()], False)
+    a = nd.array(x)
+    a.attach_grad()
+    with autograd.record():
+        y = bn(a)
+    y.backward(nd.array(dy))
+    return y.asnumpy(), a.grad.asnumpy(), bn.gamma.grad().asnumpy(), bn.beta.grad().asnumpy()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize('mean,std', [(1e4, 1.0), (1e3, 0.1)])
+@pytest.mark.parametrize('devices', [1, 2, 4])
+def test_syncbn_far_from_zero_within_batchnorm_error(devices, mean, std):
+    """|mean| / std = 1e4: y, dx, dgamma and dbeta against float64 numpy; then inference is
+    nn.BatchNorm's. Several CPU contexts run MXNet's own operators, which subtract the mean
+    first and take its float32 rounding into beta: each error is a few float32 roundings of
+    the result's size (< 1e-5, measured ~1e-7), whatever |mean| / std. Written for BatchNorm's
+    inference operator, (x - running_mean) scale' + beta', dgamma and dx were float32
+    differences of terms |mean - running_mean| / std times larger (2-8x nn.BatchNorm's own
+    error in three of the four cases, 1e-2 of max |dgamma|). One context runs the fused
+    operators and the custom exchange operator, the path of KVStore and Horovod jobs, whose
+    backward works from the float32 mean (test_fused_ops): within nn.BatchNorm's own error on
+    the concatenated batch (measured 0.02x), plus 2 float32 ulps for dbeta, a plain sum."""
+    ctxs = [mx.cpu(i) for i in range(devices)]
+    layer = build(pbn_gluon.SyncBatchNorm(in_channels=C), ctxs, True)
+    sync = pbn_gluon.StatsSync(layer, pbn_gluon.LocalComm(ctxs))
+    rng = np.random.RandomState(7)
+    xs = [(mean + std * rng.normal(size=(n, C, 16, 16))).astype(np.float32)
+          for n in [2, 1, 3, 2][:devices]]
+    dys = [rng.normal(size=x.shape).astype(np.float32) for x in xs]
+    ys, dxs = step(layer, xs, dys, ctxs, sync)
+    x, dy = np.concatenate(xs), np.concatenate(dys)
+    want = reference.batchnorm(x, GAMMA, BETA, EPS, dy)
+    got = (np.concatenate(ys), np.concatenate(dxs),
+           sum(layer.gamma.grad(c).asnumpy().astype(np.float64) for c in ctxs),
+           sum(layer.beta.grad(c).asnumpy().astype(np.float64) for c in ctxs))
+    bn = _batchnorm_result(x, dy)
+    for name, g, b, w in zip(('y', 'dx', 'dgamma', 'dbeta'), got, bn, want):
+        err, bn_err, size = np.abs(g - w).max(), np.abs(b - w).max(), np.abs(w).max()
+        bound = 1e-5 * size if devices > 1 else bn_err + 2 ** -22 * size
+        assert err <= bound, '%s: error %.3g of max %.3g, nn.BatchNorm %.3g' % (
+            name, err / size, size, bn_err / size)
+    # inference: the running statistics, as nn.BatchNorm's after the same step
+    x_eval = xs[0][:1]
+    bn = build(gluon.nn.BatchNorm(in_channels=C), [mx.cpu()], False)
+    step(bn, [x], [dy], [mx.cpu()])
+    np.testing.assert_allclose(layer(nd.array(x_eval, ctx=ctxs[0])).asnumpy(),
+                               bn(nd.array(x_eval)).asnumpy(), rtol=1e-4, atol=1e-3)

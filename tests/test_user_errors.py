@@ -6,10 +6,12 @@ layout and keeps each iteration once in metrics.jsonl."""
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import mxnet as mx
 import pytest
@@ -314,6 +316,56 @@ def test_truncated_cached_library_is_rebuilt(tmp_path):
     assert os.path.getsize(library) == size and ops.library_ok(library)
     assert not os.path.exists(stale)
     assert not [n for n in os.listdir(os.path.dirname(library)) if n.startswith('tmp')]
+
+
+def _descendants(pid):
+    """The processes below `pid` (from /proc)."""
+    children = {}
+    for entry in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open('/proc/%s/stat' % entry) as f:
+                parent = int(f.read().rsplit(')', 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize('sig', [signal.SIGKILL, signal.SIGTERM])
+def test_a_build_killed_mid_compile_leaves_nothing(tmp_path, sig):
+    """A process killed while it compiles the operators: its compiler runs on as an orphan and
+    used to write its library (~300 KB, tmp*.so) beside the cache's after the next process had
+    built there, where it stayed. Now the next load works and, once the orphan is done, the
+    cache holds the library, its checksum and the lock, nothing else."""
+    env = dict(os.environ, PBN_GLUON_CACHE=str(tmp_path / 'cache'))
+    code = 'import pbn_gluon.ops as o; print("LIB", o.load())'
+    build = subprocess.Popen([sys.executable, '-c', code], env=env, cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not _descendants(build.pid):      # the compiler has started
+        assert build.poll() is None and time.time() < deadline, 'no compiler started'
+        time.sleep(0.1)
+    time.sleep(2)                           # mid-compile
+    compilers = _descendants(build.pid)
+    build.send_signal(sig)
+    build.wait()
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                            timeout=600, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    library = result.stdout.split('LIB ')[1].strip()
+    while any(os.path.exists('/proc/%d' % pid) for pid in compilers):
+        assert time.time() < deadline + 600, 'the orphaned compiler still runs'
+        time.sleep(0.5)
+    assert ops.library_ok(library)
+    assert sorted(os.listdir(os.path.dirname(library))) == [
+        '.lock', 'libpbn_ops.so', 'libpbn_ops.so.sha256']
 
 
 def test_library_check_rejects_a_changed_library(tmp_path):

@@ -104,7 +104,8 @@ PBN_CALLBACK(norm_forward_gpu) {
   pbn_norm_forward_finalize<<<s.p.channel_blocks, PBN_THREADS, 0, s.stream>>>(
       s.partials, s.p.splits, static_cast<const PbnNormForwardArgs&>(f), s.coef);
   pbn_affine<<<s.p.affine_blocks, PBN_THREADS, 0, s.stream>>>(
-      f.x, f.y, s.coef, 1.f, s.coef + l.channels, l.outer, l.channels, l.inner, s.p.lanes);
+      f.x, f.y, s.coef, 1.f, f.mean, s.coef + l.channels, l.outer, l.channels, l.inner,
+      s.p.lanes);
   return launched("the CUDA kernels of pbn_batch_norm (forward)");
 }
 
@@ -123,7 +124,7 @@ PBN_CALLBACK(norm_backward_gpu) {
   pbn_norm_backward_finalize<<<s.p.channel_blocks, PBN_THREADS, 0, s.stream>>>(
       s.partials, s.p.splits, static_cast<const PbnNormBackwardArgs&>(b), s.coef);
   pbn_affine_dy<<<s.p.affine_blocks, PBN_THREADS, 0, s.stream>>>(
-      b.x, b.dy, b.dx, s.coef, s.coef + l.channels, s.coef + 2 * l.channels, l.outer,
+      b.x, b.dy, b.dx, s.coef, b.mean, s.coef + l.channels, s.coef + 2 * l.channels, l.outer,
       l.channels, l.inner, s.p.lanes);
   return launched("the CUDA kernels of pbn_batch_norm (backward)");
 }

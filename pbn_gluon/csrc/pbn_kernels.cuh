@@ -10,12 +10,15 @@
  *   pbn_moments_partial        grid (C, splits): per channel, per split, sums of (x - shift)
  *                              and (x - shift)^2, shift = x[0, c, 0] -> partials[split][c][2]
  *   pbn_grad_partial           grid (C, splits): sums of dy and dy (x - mean[c]) -> partials
- *   pbn_norm_forward_finalize  per channel: mean, invstd, batch_sums, y = coef0 x + coef1
- *   pbn_norm_backward_finalize per channel: dgamma, dbeta, dgroup, dx = coef0 x + coef1 + coef2 dy
+ *   pbn_norm_forward_finalize  per channel: mean, invstd, batch_sums, and coef for
+ *                              y = coef0 (x - mean) + coef1
+ *   pbn_norm_backward_finalize per channel: dgamma, dbeta, dgroup, and coef for
+ *                              dx = coef0 (x - mean) + coef1 + coef2 dy
  *                              (both take the call's tensors as pbn_math.h's argument structs)
  *   pbn_sums_finalize          per channel: [sum x, sum x^2, count]
  *   pbn_affine, pbn_affine_dy  elementwise over all A * C rows, grid-stride:
- *                              out = s x_coef[c] x + offset[c] (+ dy_coef[c] dy)
+ *                              out = s x_coef[c] (x - center[c]) + offset[c] (+ dy_coef[c] dy)
+ *                              (the mean subtracted first: pbn_math.h says why)
  *   pbn_running_update         per channel of a whole net: running statistics from group sums
  *   pbn_accept_sums            one block: StatsSync's finiteness check and (averaged) update
  *
@@ -203,9 +206,9 @@ __device__ __forceinline__ PbnMode pbn_device_mode(PbnMode mode, const float* is
   return mode;
 }
 
-/* mu, r per channel (pbn_forward_channel) from the partials of x's moments; coef = [gamma r ;
- * beta - mu gamma r] (2 rows of C) so that y = coef0 x + coef1. batch_sums is written while
- * training: this batch's sums (PBN) or the group sums (SyncBN). */
+/* mu, r per channel (pbn_forward_channel) from the partials of x's moments; mean = (float) mu
+ * and coef (2 rows of C) so that y = coef0 (x - mean) + coef1 (pbn_forward_affine). batch_sums
+ * is written while training: this batch's sums (PBN) or the group sums (SyncBN). */
 extern "C" __global__ void pbn_norm_forward_finalize(const float* __restrict__ partials,
                                                      int splits, PbnNormForwardArgs f,
                                                      float* __restrict__ coef) {
@@ -224,17 +227,14 @@ extern "C" __global__ void pbn_norm_forward_finalize(const float* __restrict__ p
     if (mode.training) {
       for (int k = 0; k < 3; ++k) f.batch_sums[k * C + c] = sums[k];
     }
-    f.mean[c] = (float)mu;
+    pbn_forward_affine(mode, f.gamma[c], f.beta[c], mu, r, coef + c, f.mean + c, coef + C + c);
     f.invstd[c] = (float)r;
-    const double g = mode.fix_gamma ? 1.0 : f.gamma[c];
-    coef[c] = (float)(g * r);
-    coef[C + c] = (float)(f.beta[c] - mu * g * r);
   }
 }
 
 /* pbn_backward_channel per channel from the partials of (dy, dy (x - mean)): dgamma, dbeta,
  * dgroup rows 0 and 1 (the other rows 0), grad_rows while training, and coef = [x_coef ;
- * offset ; dy_coef] (3 rows of C): dx = dy_coef dy + x_coef x + offset. */
+ * offset ; dy_coef] (3 rows of C): dx = dy_coef dy + x_coef (x - mean) + offset. */
 extern "C" __global__ void pbn_norm_backward_finalize(const float* __restrict__ partials,
                                                       int splits, PbnNormBackwardArgs b,
                                                       float* __restrict__ coef) {
@@ -279,13 +279,15 @@ extern "C" __global__ void pbn_sums_finalize(const float* __restrict__ partials,
   }
 }
 
-/* out = (x_scale x_coef[c]) x + offset[c] (+ dy_coef[c] dy) over the A * C rows of B
- * elements, grid-stride over units; the channel of a unit is tracked without a division. */
+/* out = (x_scale x_coef[c]) (x - center[c]) + offset[c] (+ dy_coef[c] dy) over the A * C
+ * rows of B elements (center null: 0), grid-stride over units; the channel of a unit is
+ * tracked without a division. */
 template <bool kWithDy, typename Coef>
 __device__ __forceinline__ void pbn_affine_rows(
     const float* __restrict__ x, const float* __restrict__ dy, float* __restrict__ out,
-    const Coef* __restrict__ x_coef, float x_scale, const Coef* __restrict__ offset,
-    const float* __restrict__ dy_coef, long A, long C, long B, int lanes) {
+    const Coef* __restrict__ x_coef, float x_scale, const float* __restrict__ center,
+    const Coef* __restrict__ offset, const float* __restrict__ dy_coef, long A, long C, long B,
+    int lanes) {
   const long rows = A * C;
   if (rows == 0 || B == 0) return;
   const int lane = threadIdx.x % lanes, group = threadIdx.x / lanes;
@@ -313,18 +315,20 @@ __device__ __forceinline__ void pbn_affine_rows(
       if (!inside[k]) continue;
       const long ch = channel[k];
       const float scale = x_scale * (float)x_coef[ch];
-      out[index[k]] = kWithDy ? dy_coef[ch] * gv[k] + scale * xv[k] + (float)offset[ch]
-                              : scale * xv[k] + (float)offset[ch];
+      const float xc = center != nullptr ? xv[k] - center[ch] : xv[k];
+      out[index[k]] = kWithDy ? dy_coef[ch] * gv[k] + scale * xc + (float)offset[ch]
+                              : scale * xc + (float)offset[ch];
     }
   }
 }
 
 extern "C" __global__ void pbn_affine(const float* __restrict__ x, float* __restrict__ out,
                                       const float* __restrict__ x_coef, float x_scale,
+                                      const float* __restrict__ center,
                                       const float* __restrict__ offset, long A, long C, long B,
                                       int lanes) {
-  pbn_affine_rows<false, float>(x, nullptr, out, x_coef, x_scale, offset, nullptr, A, C, B,
-                                lanes);
+  pbn_affine_rows<false, float>(x, nullptr, out, x_coef, x_scale, center, offset, nullptr, A,
+                                C, B, lanes);
 }
 
 /* pbn_affine with double coefficients: pbn_batch_sums' backward, dx = dS0 + 2 x dS1 */
@@ -332,17 +336,19 @@ extern "C" __global__ void pbn_sums_affine(const float* __restrict__ x, float* _
                                            const pbn_sum_t* __restrict__ x_coef, float x_scale,
                                            const pbn_sum_t* __restrict__ offset, long A, long C,
                                            long B, int lanes) {
-  pbn_affine_rows<false, pbn_sum_t>(x, nullptr, out, x_coef, x_scale, offset, nullptr, A, C, B,
-                                    lanes);
+  pbn_affine_rows<false, pbn_sum_t>(x, nullptr, out, x_coef, x_scale, nullptr, offset, nullptr,
+                                    A, C, B, lanes);
 }
 
 extern "C" __global__ void pbn_affine_dy(const float* __restrict__ x,
                                          const float* __restrict__ dy, float* __restrict__ out,
                                          const float* __restrict__ x_coef,
+                                         const float* __restrict__ center,
                                          const float* __restrict__ offset,
                                          const float* __restrict__ dy_coef, long A, long C,
                                          long B, int lanes) {
-  pbn_affine_rows<true, float>(x, dy, out, x_coef, 1.f, offset, dy_coef, A, C, B, lanes);
+  pbn_affine_rows<true, float>(x, dy, out, x_coef, 1.f, center, offset, dy_coef, A, C, B,
+                               lanes);
 }
 
 /* StatsSync's running-statistics step for every channel of a net: group sums of channel i

@@ -14,6 +14,14 @@
  *   d G0 = (1 - w) / G2 (dL/dmu - 2 mu dL/dvar),  d G1 = (1 - w) / G2 dL/dvar,  d G2 = 0
  *   with dL/dmu = -gamma r dbeta, dL/dvar = -gamma r^2 dgamma / 2.
  *
+ * The elementwise passes subtract the (float32) mean first, in float32:
+ *   y  = s (x - m) + (beta - s (mu - m)),       s = gamma r, m = (float) mu
+ *   dx = gamma r dy - gamma r^2 k2 (x - m) - gamma r k1
+ * not s x + (beta - mu s): that form is the float32 difference of two terms of size
+ * |mu| / std, which loses that many ulps (y = beta + 2e-2 for a channel of constant 1000;
+ * nn.BatchNorm gives beta). x - m is exact while x is within a factor 2 of m, and the
+ * offset's mu - m (the mean's rounding) is taken in double.
+ *
  * "sync" mode (SyncBN): w = 0 and G holds the CURRENT step's group sums, whose gradient the
  * graph carries back through the exchange. Inference: mu, var are the running statistics.
  *
@@ -123,9 +131,19 @@ PBN_HD void pbn_forward_channel(const PbnMode& mode, double shift, double s1, do
   *r = 1.0 / sqrt(var + (double)mode.eps);
 }
 
-/* Backward, one channel. sdy = sum dy, sdyxc = sum dy (x - mu) over this device's n elements.
- * Gives dx = dy_coef dy + x_coef x + offset, and the gradients of gamma, beta and the group
- * sums. */
+/* The forward's elementwise pass of one channel, y = scale (x - center) + offset
+ * (center: the float32 mean mu, which the layer hands on). */
+PBN_HD void pbn_forward_affine(const PbnMode& mode, double gamma, double beta, double mu,
+                               double r, float* scale, float* center, float* offset) {
+  const double s = mode.fix_gamma ? r : gamma * r;
+  *center = (float)mu;
+  *scale = (float)s;
+  *offset = (float)(beta - s * (mu - (double)*center));
+}
+
+/* Backward, one channel. sdy = sum dy, sdyxc = sum dy (x - mu) over this device's n elements,
+ * mu the float32 mean of the forward. Gives dx = dy_coef dy + x_coef (x - mu) + offset, and
+ * the gradients of gamma, beta and the group sums. */
 PBN_HD void pbn_backward_channel(const PbnMode& mode, double sdy, double sdyxc, double n,
                                  const pbn_sum_t* g, long gs, int g_rows, double w, double gamma,
                                  double mu, double r, double* dy_coef, double* x_coef, double* offset,
@@ -143,7 +161,7 @@ PBN_HD void pbn_backward_channel(const PbnMode& mode, double sdy, double sdyxc, 
   }
   *dy_coef = gam * r;
   *x_coef = -gam * r * r * k2;
-  *offset = -gam * r * k1 + gam * r * r * k2 * mu;
+  *offset = -gam * r * k1;
   *dgamma = mode.fix_gamma ? 0.0 : dgam;
   *dbeta = sdy;
   if (mixes_global) {

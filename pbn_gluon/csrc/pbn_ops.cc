@@ -478,17 +478,17 @@ void channel_grad_sums(const float* dy, const float* x, const PbnLayout& l, long
   *sdyxc = a2;
 }
 
-/* out = x_coef x + offset (+ dy_coef dy when dy is given) over one channel. */
+/* out = x_coef (x - center) + offset (+ dy_coef dy when dy is given) over one channel. */
 void channel_affine(float* out, const float* x, const float* dy, const PbnLayout& l, long c,
-                    float x_coef, float offset, float dy_coef) {
+                    float x_coef, float center, float offset, float dy_coef) {
   for (long a = 0; a < l.outer; ++a) {
     long off = (a * l.channels + c) * l.inner;
     if (dy) {
       for (long b = 0; b < l.inner; ++b) {
-        out[off + b] = dy_coef * dy[off + b] + x_coef * x[off + b] + offset;
+        out[off + b] = dy_coef * dy[off + b] + x_coef * (x[off + b] - center) + offset;
       }
     } else {
-      for (long b = 0; b < l.inner; ++b) out[off + b] = x_coef * x[off + b] + offset;
+      for (long b = 0; b < l.inner; ++b) out[off + b] = x_coef * (x[off + b] - center) + offset;
     }
   }
 }
@@ -514,11 +514,11 @@ PBN_CALLBACK(norm_forward_cpu) {
     if (f.mode.training) {
       for (int k = 0; k < 3; ++k) f.batch_sums[k * l.channels + c] = sums[k];
     }
-    f.mean[c] = static_cast<float>(mu);
+    float scale, center, offset;
+    pbn_forward_affine(f.mode, f.gamma[c], f.beta[c], mu, r, &scale, &center, &offset);
+    f.mean[c] = center;
     f.invstd[c] = static_cast<float>(r);
-    double g = f.mode.fix_gamma ? 1.0 : f.gamma[c];
-    channel_affine(f.y, f.x, nullptr, l, c, static_cast<float>(g * r),
-                   static_cast<float>(f.beta[c] - mu * g * r), 0.f);
+    channel_affine(f.y, f.x, nullptr, l, c, scale, center, offset, 0.f);
   }
   return MX_SUCCESS;
 }
@@ -548,7 +548,7 @@ PBN_CALLBACK(norm_backward_cpu) {
       grad_rows[c] = sdy;
       grad_rows[l.channels + c] = sdyxc * b.invstd[c];
     }
-    channel_affine(b.dx, b.x, b.dy, l, c, static_cast<float>(x_coef),
+    channel_affine(b.dx, b.x, b.dy, l, c, static_cast<float>(x_coef), b.mean[c],
                    static_cast<float>(offset), static_cast<float>(dy_coef));
   }
   return MX_SUCCESS;
@@ -575,7 +575,7 @@ PBN_CALLBACK(sums_backward_cpu) {
 #pragma omp parallel for schedule(static)
   for (long c = 0; c < l.channels; ++c) {
     channel_affine(b.dx, b.x, nullptr, l, c, static_cast<float>(2.0 * b.dsums[l.channels + c]),
-                   static_cast<float>(b.dsums[c]), 0.f);
+                   0.f, static_cast<float>(b.dsums[c]), 0.f);
   }
   return MX_SUCCESS;
 }
