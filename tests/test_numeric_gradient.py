@@ -88,14 +88,13 @@ def test_gradients_with_group_sums_match_numpy_finite_differences(shape, axis, f
     check_numeric_gradient(sym, dict(location), aux, numeric_eps=1e-2, rtol=0.2, atol=0.01,
                            grad_nodes=['data', layer.gamma.name, layer.beta.name])
 
-    # the operator's gradients of sum(proj * y), with the float64 state bound as the layer has it
+    # the operator's gradients of sum(proj * y), every input float32 as the harness binds them
+    # (the gradient of the group sums too: written in double, narrowed back)
     proj = rng.uniform(0.5, 1.5, size=shape)
-    args = {k: mx.nd.array(v, dtype='float64' if k == layer.global_sums.name else 'float32')
-            for k, v in location.items()}
-    grads = {k: mx.nd.zeros(v.shape, dtype=v.dtype) for k, v in args.items()}
+    args = {k: mx.nd.array(v) for k, v in location.items()}
+    grads = {k: mx.nd.zeros(v.shape) for k, v in args.items()}
     exe = sym.bind(mx.cpu(), args, args_grad=grads,
-                   aux_states={k: mx.nd.array(v, dtype=layer.params[k].data().dtype)
-                               for k, v in aux.items()})
+                   aux_states={k: mx.nd.array(v) for k, v in aux.items()})
     exe.forward(is_train=True)
     exe.backward(mx.nd.array(proj))
     got = {k: g.asnumpy().astype(np.float64) for k, g in grads.items()}
@@ -127,3 +126,33 @@ def test_gradients_with_group_sums_match_numpy_finite_differences(shape, axis, f
     np.testing.assert_allclose(got[layer.gamma.name], expected_dgamma, rtol=1e-4, atol=1e-4)
     dgroup = got[layer.global_sums.name].reshape(group.shape)
     np.testing.assert_allclose(dgroup[:2], central('group', group)[:2], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize('shape,axis', [((2, 3, 2, 2), 1), ((3, 4, 5), -1)])
+def test_float32_batch_sums_are_written(shape, axis):
+    """A float32 batch_sums (as the harness binds the auxiliary state) receives what the
+    operator writes in double: [sum x, sum x^2, n] in the forward and, with the progressive
+    backward, [sum dy, sum dy xhat] in the backward (numpy, float64)."""
+    rng = np.random.RandomState(5)
+    c = shape[axis]
+    layer, sym = layer_symbol(axis, False, c, variant='plus')
+    location, aux = inputs(layer, sym, shape, axis, rng, as_numpy=True)
+    args = {k: mx.nd.array(v) for k, v in location.items()}
+    state = {k: mx.nd.array(v) for k, v in aux.items()}
+    assert state[layer.batch_sums.name].dtype == np.float32
+    exe = sym.bind(mx.cpu(), args, args_grad={k: mx.nd.zeros(v.shape) for k, v in args.items()},
+                   aux_states=state)
+    dy = rng.uniform(-1, 1, size=shape)
+    exe.forward(is_train=True)
+    exe.backward(mx.nd.array(dy))
+    # the backward writes batch_sums, to MXNet's engine an input it reads: wait for it
+    # (StatsSync takes the sums with pbn_take_sums, an operator that waits)
+    mx.nd.waitall()
+    sums = state[layer.batch_sums.name].asnumpy().astype(np.float64).reshape(5, c)
+
+    x = np.moveaxis(args['data'].asnumpy().astype(np.float64), axis, 0).reshape(c, -1)
+    g = np.moveaxis(dy.astype(np.float32).astype(np.float64), axis, 0).reshape(c, -1)
+    mean, var = x.mean(1, keepdims=True), x.var(1, keepdims=True)
+    xhat = (x - mean) / np.sqrt(var + EPS)
+    expected = [x.sum(1), (x * x).sum(1), np.full(c, x.shape[1]), g.sum(1), (g * xhat).sum(1)]
+    np.testing.assert_allclose(sums, np.stack(expected), rtol=1e-5, atol=1e-5)
