@@ -42,8 +42,6 @@ __all__ = ['BatchStatsNorm', 'owner_layer']
 
 ops.load()
 
-#: Parameter -> weak reference to the BatchStatsNorm layer it belongs to (owner_layer)
-_OWNERS = weakref.WeakKeyDictionary()
 #: where a graph fetches its parameters for a forward (HybridBlock.forward: not hybridized)
 _GRAPH_CALLS = (HybridBlock.forward.__code__, HybridBlock._call_cached_op.__code__)
 #: kinds of misuse already warned about in this process
@@ -54,9 +52,12 @@ FIX = ('train with pbn_gluon.Trainer (its step() exchanges), or call sync.step()
 
 
 def owner_layer(param):
-    """The ProgressiveBatchNorm or SyncBatchNorm layer that `param` belongs to, or None."""
-    ref = _OWNERS.get(param)
-    return ref() if ref is not None else None
+    """The ProgressiveBatchNorm or SyncBatchNorm layer that `param` belongs to, or None.
+
+    Each parameter of a layer holds it (``_pbn_layer``): a net that keeps the parameters and
+    not the layer, as GluonCV's SymbolBlocks (the SSD FeatureExpander) do with the backbone
+    they traced, keeps the layers that pbn_gluon.Trainer finds and StatsSync drives."""
+    return getattr(param, '_pbn_layer', None)
 
 
 def _warn_once(kind, message):
@@ -65,12 +66,15 @@ def _warn_once(kind, message):
         warnings.warn(message, UserWarning, stacklevel=4)
 
 
-def _fetched_by_graph():
-    """True when the caller of Parameter.data() is a block's forward (not user code)."""
-    frame = sys._getframe(3)    # _fetched_by_graph <- _check_and_get <- data <- caller
+def _graph_caller():
+    """The block whose forward (or cached graph) calls Parameter.data(), or None when user
+    code does."""
+    frame = sys._getframe(3)    # _graph_caller <- _check_and_get <- data <- caller
     if frame.f_code.co_name.startswith('<'):    # a comprehension inside the caller
         frame = frame.f_back
-    return frame is not None and frame.f_code in _GRAPH_CALLS
+    if frame is None or frame.f_code not in _GRAPH_CALLS:
+        return None
+    return frame.f_locals.get('self')
 
 
 class StateParameter(Parameter):
@@ -81,13 +85,20 @@ class StateParameter(Parameter):
     ``collect_params()`` and at its first step broadcasts them all from the first context; it
     (and a kvstore, and ``list_data()``) asks for all arrays at once, and gets copies here:
     the state a graph reads and writes, one array per device, is reached only through
-    ``data(ctx)``, by the layer's graph, and through the buffers StatsSync binds."""
+    ``data(ctx)``, by the layer's graph, and through the buffers StatsSync binds.
+
+    Its arrays are `storage` (float64 for the sums); to Gluon's typing (``dtype``, its graph
+    variable, ``cast``, a SymbolBlock that types every parameter float32, as GluonCV's SSD
+    FeatureExpander does) it is float32, so that no typing of a model asks for another dtype.
+    The fused operator reads either (a float32 state, such as a test harness casts it to, is
+    widened to double for the call: pbn_ops.h, 'w')."""
 
     #: skipped by comm.broadcast_parameters: StatsSync's, never the root's to hand out
     exchange_state = True
 
-    def __init__(self, name, owner, per_channel, layer=None, **kwargs):
-        super().__init__(name, **kwargs)
+    def __init__(self, name, owner, per_channel, layer=None, storage='float32', **kwargs):
+        super().__init__(name, dtype='float32', **kwargs)
+        self._storage = storage
         self._owner, self._per_channel = owner, per_channel
         #: the layer told of each forward that fetches this state (one state per layer does)
         self._layer = weakref.ref(layer) if layer is not None else None
@@ -127,16 +138,20 @@ class StateParameter(Parameter):
         if ctx is list:
             return [a.copy() for a in arrays]
         layer = self._layer() if self._layer is not None else None
-        if layer is not None and arr_list is self._data and _fetched_by_graph():
-            layer._saw_forward(arrays.context)
+        caller = _graph_caller() if layer is not None and arr_list is self._data else None
+        if caller is not None:
+            layer._saw_forward(arrays.context, caller)
         return arrays
 
     def list_ctx(self):
         self._created()
         return super().list_ctx()
 
+    def _init_impl(self, data, ctx_list):
+        super()._init_impl(data.astype(self._storage, copy=False), ctx_list)
+
     def cast(self, dtype):
-        """Keeps its dtype: ``model.cast('float32')`` (every GluonCV training script calls it)
+        """Keeps its arrays: ``model.cast('float32')`` (every GluonCV training script calls it)
         casts the model's parameters, never the float64 sums or float32 weights the fused
         operators read."""
 
@@ -176,7 +191,7 @@ class BatchStatsNorm(nn.BatchNorm):
         self.batch_sums = self._state_param('batch_sums', (exchange_rows * in_channels,),
                                             dtype='float64', watch=True)
         for param in (self.gamma, self.beta, self.running_mean, self.running_var):
-            _OWNERS[param] = weakref.ref(self)
+            param._pbn_layer = self
         #: training forwards per device since the last exchange; whether the layer ever
         #: trained, and ever had its running statistics updated (the exchange does it)
         self.forwards_since_exchange = {}
@@ -188,16 +203,20 @@ class BatchStatsNorm(nn.BatchNorm):
                      watch=False):
         param = StateParameter(self.params.prefix + name, owner=self.running_mean,
                                per_channel=per_channel, layer=self if watch else None,
-                               grad_req='null', shape=shape, init=init, dtype=dtype,
+                               grad_req='null', shape=shape, init=init, storage=dtype,
                                allow_deferred_init=True, differentiable=False)
         self.params._params[param.name] = param     # ParameterDict.get only makes Parameters
-        _OWNERS[param] = weakref.ref(self)
+        param._pbn_layer = self
         return param
 
     # -- what the training loop does (pbn_gluon.StatsSync checks it) ------------------------
 
-    def _saw_forward(self, ctx):
-        """A forward of this layer's graph on `ctx` is about to run."""
+    def _saw_forward(self, ctx, block):
+        """A forward of this layer's graph on `ctx`, run by `block`, is about to run. A block
+        other than the layer holds a cached graph with it (one whose graph was traced
+        elsewhere, as GluonCV's SymbolBlocks are, included): clear_graphs drops it too."""
+        if block is not self:
+            self._tracers.add(block)
         if self._use_global_stats:
             return
         if autograd.is_training():

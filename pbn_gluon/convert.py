@@ -1,5 +1,7 @@
 """convert_norm: swap the BatchNorm layers of a built (and pretrained) model, keeping weights."""
-from mxnet.gluon import nn
+import json
+
+from mxnet.gluon import SymbolBlock, nn
 from mxnet.gluon.contrib.nn import SyncBatchNorm as ContribSyncBatchNorm
 
 
@@ -38,6 +40,9 @@ def convert_norm(net, norm_layer, **kwargs):
     package's norms) by ``norm_layer(**BatchNorm settings of the layer, **kwargs)``, copying
     gamma, beta and the running statistics. Returns `net` (changed in place), like PyTorch's
     ``convert_sync_batchnorm``. Layers already of type `norm_layer` are left as they are.
+    A SymbolBlock is a fixed graph, whose BatchNorm operators no layer can replace (GluonCV's
+    SSD builds its backbone as one): a ValueError names it, and building the model with
+    ``norm_layer=`` is the way.
     ``convert_norm(net, nn.BatchNorm)`` turns PBN / SyncBN layers back into BatchNorm. A layer
     that several blocks hold is replaced by one new layer everywhere.
 
@@ -46,6 +51,8 @@ def convert_norm(net, norm_layer, **kwargs):
     """
     if not (isinstance(norm_layer, type) and issubclass(norm_layer, nn.HybridBlock)):
         raise TypeError('norm_layer must be a HybridBlock class, got %r' % (norm_layer,))
+    if norm_layer is not nn.BatchNorm:      # before anything is converted
+        _check_symbol_blocks(net, norm_layer, set())
     _convert(net, norm_layer, kwargs, {}, set())
     return net
 
@@ -69,3 +76,28 @@ def _convert(block, norm_layer, kwargs, replaced, seen):
             _convert(child, norm_layer, kwargs, replaced, seen)
     if isinstance(block, nn.HybridBlock):
         block._clear_cached_op()
+
+
+#: the operators of the layers convert_norm replaces
+_NORM_OPS = ('BatchNorm', '_contrib_SyncBatchNorm')
+
+
+def _check_symbol_blocks(block, norm_layer, seen):
+    """Raise for a SymbolBlock in `block` with BatchNorm operators and none of this package's
+    (one built with ``norm_layer=`` holds those, and keeps the fixed BatchNorm ops beside
+    them: GluonCV's FeatureExpander adds its extra layers as plain BatchNorm)."""
+    if id(block) in seen:
+        return
+    seen.add(id(block))
+    for child in block._children.values():
+        _check_symbol_blocks(child, norm_layer, seen)
+    if not isinstance(block, SymbolBlock):
+        return
+    ops = [node['op'] for node in json.loads(block._cached_graph[1].tojson())['nodes']]
+    count = sum(op in _NORM_OPS for op in ops)
+    if count and not any(op.startswith('pbn_') for op in ops):
+        raise ValueError(
+            'convert_norm: %s is a SymbolBlock, a fixed graph whose %d BatchNorm operators no '
+            'layer can replace (GluonCV builds the SSD backbones so): build the model with '
+            'norm_layer=%s instead (gluoncv.model_zoo.get_model(name, norm_layer=...))'
+            % (block.name or type(block).__name__, count, norm_layer.__name__))

@@ -47,9 +47,9 @@ import zlib
 import numpy as np
 from mxnet import autograd
 from mxnet import ndarray as nd
-from mxnet.gluon import Block, HybridBlock
+from mxnet.gluon import Block, HybridBlock, SymbolBlock
 
-from .batch_stats import BatchStatsNorm
+from .batch_stats import BatchStatsNorm, owner_layer
 from . import op_contract, rendezvous
 from .progressive_norm import ProgressiveBatchNorm
 from .stats_buffers import StatsBuffers
@@ -64,7 +64,8 @@ HEALTH_READ_INTERVAL = 16
 
 def find_norm_layers(net):
     """The ProgressiveBatchNorm and SyncBatchNorm layers of `net` that use batch statistics,
-    in definition order."""
+    in definition order; a SymbolBlock's are those behind its parameters (its graph was traced
+    from them: GluonCV's SSD FeatureExpander)."""
     found, seen = [], set()
 
     def visit(block):
@@ -73,6 +74,11 @@ def find_norm_layers(net):
         seen.add(id(block))
         if isinstance(block, BatchStatsNorm) and not block.use_global_stats:
             found.append(block)
+        if isinstance(block, SymbolBlock):
+            for param in block.params.values():
+                layer = owner_layer(param)
+                if layer is not None:
+                    visit(layer)
         for child in block._children.values():
             visit(child)
     visit(net)
@@ -111,8 +117,9 @@ class StatsSync:
         if not self.layers:
             raise ValueError(
                 'StatsSync: %s has no ProgressiveBatchNorm or SyncBatchNorm layer in training '
-                'mode; convert it first with pbn_gluon.convert_norm(net, ProgressiveBatchNorm)'
-                % type(net).__name__)
+                'mode: build it with norm_layer=pbn_gluon.ProgressiveBatchNorm (GluonCV\'s '
+                'get_model), or convert a built one with pbn_gluon.convert_norm(net, '
+                'pbn_gluon.ProgressiveBatchNorm)' % type(net).__name__)
         self.pbn = [l for l in self.layers if isinstance(l, ProgressiveBatchNorm)]
         self.syncbn = [l for l in self.layers if isinstance(l, SyncBatchNorm)]
         # raises at once where in-process SyncBN would stall (MXNet's CPU resource settings)

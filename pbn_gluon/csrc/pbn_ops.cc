@@ -200,6 +200,15 @@ bool norm_sizes_ok(const std::vector<MXTensor>& in, const PbnLayout& l) {
   return ok;
 }
 
+/* The kernels take group_sums and batch_sums in double: float32 ones ('w') are widened by the
+ * CPU callbacks (Widened) and rejected on GPU. */
+bool state_is_double(const std::vector<MXTensor>& in) {
+  if (in[kGroupSums].dtype == kFloat64 && in[kBatchSums].dtype == kFloat64) return true;
+  MX_ERROR_MSG << "pbn_batch_norm: float32 group_sums and batch_sums are widened to double on "
+                  "CPU only; on GPU keep them float64 (as ProgressiveBatchNorm stores them)";
+  return false;
+}
+
 }  // namespace
 
 NormForward::NormForward(const Attrs& attrs, std::vector<MXTensor>* in,
@@ -207,7 +216,7 @@ NormForward::NormForward(const Attrs& attrs, std::vector<MXTensor>* in,
   const NormParams params(attrs);
   l = data_layout(params.axis, in->at(kData));
   mode = mode_of(params);
-  ok = norm_sizes_ok(*in, l);
+  ok = norm_sizes_ok(*in, l) && state_is_double(*in);
   x = in->at(kData).data<float>();
   gamma = in->at(kGamma).data<float>();
   beta = in->at(kBeta).data<float>();
@@ -296,21 +305,23 @@ MXReturnValue mutates(const Attrs&, std::vector<int>* indices) {
 }
 
 /* Fills unknown dtypes and checks the known ones: `in` and `out` hold each input's and
- * output's dtype, 'f' float32 and 'd' double (pbn_sum_t). */
+ * output's dtype, 'f' float32, 'd' double (pbn_sum_t), 'w' double (when unknown) or float32. */
 MXReturnValue typed(const char* op, const char* in, const char* out, std::vector<int>* in_types,
                     std::vector<int>* out_types) {
-  auto code = [](char c) { return c == 'd' ? kFloat64 : kFloat32; };
+  auto code = [](char c) { return c == 'f' ? kFloat32 : kFloat64; };
   // MXNet's dtype codes (mshadow's TypeFlag; 12 is bfloat16, which lib_api.h does not name)
   static const char* names[] = {"float32", "float64", "float16", "uint8",  "int32",
                                 "int8",    "int64",   "bool",    "int16",  "uint16",
                                 "uint32",  "uint64",  "bfloat16"};
   for (size_t i = 0; i < in_types->size(); ++i) {
     if (in_types->at(i) == -1) in_types->at(i) = code(in[i]);
+    if (in[i] == 'w' && in_types->at(i) == kFloat32) continue;
     if (in_types->at(i) != code(in[i])) {
       int got = in_types->at(i);
       std::string name = got >= 0 && got <= 12 ? names[got] : "dtype code " + std::to_string(got);
       MX_ERROR_MSG << op << ": input " << i << " must be "
-                   << (in[i] == 'd' ? "float64" : "float32") << ", got " << name
+                   << (in[i] == 'd' ? "float64" : in[i] == 'w' ? "float64 or float32"
+                                        : "float32") << ", got " << name
                    << ". ProgressiveBatchNorm and SyncBatchNorm compute in float32 (their "
                       "exchange state in float64): keep models with them in float32 (MXNet's "
                       "AMP cannot: its fp32_ops take only its own operators)";
@@ -554,6 +565,60 @@ PBN_CALLBACK(norm_backward_cpu) {
   return MX_SUCCESS;
 }
 
+/* The float32 ones among a call's 'w' tensors, widened to double in temporary space for the
+ * kernels (one alloc_cpu: a second could move the first) and, for those the call writes,
+ * narrowed back when it ends. Each tensor's data_ptr and dtype are restored. */
+class Widened {
+ public:
+  Widened(std::vector<std::pair<MXTensor*, bool>> tensors, const OpResource& res) {
+    size_t total = 0;
+    for (auto& t : tensors) total += t.first->dtype == kFloat32 ? t.first->size() : 0;
+    if (total == 0) return;
+    double* space = static_cast<double*>(res.alloc_cpu(static_cast<int>(total * sizeof(double))));
+    for (auto& t : tensors) {
+      MXTensor* tensor = t.first;
+      if (tensor->dtype != kFloat32) continue;
+      const float* narrow = tensor->data<float>();
+      for (int64_t i = 0; i < tensor->size(); ++i) space[i] = narrow[i];
+      widened_.push_back({tensor, tensor->data_ptr, t.second});
+      tensor->data_ptr = space;
+      tensor->dtype = kFloat64;
+      space += tensor->size();
+    }
+  }
+  ~Widened() {
+    for (auto& w : widened_) {
+      if (w.written) {
+        const double* wide = w.tensor->data<double>();
+        float* narrow = static_cast<float*>(w.narrow);
+        for (int64_t i = 0; i < w.tensor->size(); ++i) narrow[i] = static_cast<float>(wide[i]);
+      }
+      w.tensor->data_ptr = w.narrow;
+      w.tensor->dtype = kFloat32;
+    }
+  }
+
+ private:
+  struct Entry {
+    MXTensor* tensor;
+    void* narrow;
+    bool written;
+  };
+  std::vector<Entry> widened_;
+};
+
+PBN_CALLBACK(norm_forward_cpu_any) {
+  Widened state({{&inputs->at(kGroupSums), false}, {&inputs->at(kBatchSums), true}}, res);
+  return norm_forward_cpu(attrs, inputs, outputs, res);
+}
+
+PBN_CALLBACK(norm_backward_cpu_any) {
+  Widened state({{&inputs->at(kFwdInputs + kGroupSums), false},
+                 {&inputs->at(kFwdInputs + kBatchSums), true},
+                 {&outputs->at(kGroupSums), true}}, res);
+  return norm_backward_cpu(attrs, inputs, outputs, res);
+}
+
 PBN_CALLBACK(sums_forward_cpu) {
   SumsForward f(attrs, inputs, outputs);
   const PbnLayout& l = f.l;
@@ -657,7 +722,7 @@ bool define_cpu(const char* name, parseAttrs_t attrs, inferType_t types, inferSh
       define_cpu(#Name, Name##_attrs, Name##_types, shape, mutated, forward, backward);
 
 PBN_CPU_OP(pbn_batch_norm, NormParams, PBN_NORM_INPUTS, PBN_NORM_OUTPUTS, norm_shape,
-           mutates<kBatchSums>, norm_forward_cpu, norm_backward_cpu)
+           mutates<kBatchSums>, norm_forward_cpu_any, norm_backward_cpu_any)
 PBN_CPU_OP(pbn_batch_sums, SumsParams, PBN_SUMS_INPUTS, PBN_SUMS_OUTPUTS, sums_shape, nullptr,
            sums_forward_cpu, sums_backward_cpu)
 /* MXNet operators need an output: the channel count T, shape (1,) */

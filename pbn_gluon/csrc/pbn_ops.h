@@ -36,15 +36,17 @@ mxnet::ext::CustomOp& op(const char* name);
   static mxnet::ext::CustomOp& PBN_OP_CONCAT(pbn_op_, __COUNTER__) = pbn::op(#Name)
 
 /* ------------------------------- input contracts ---------------------------------------
- * Each operator's inputs in order, X(enum id, name, dtype: 'f' float32, 'd' double = pbn_sum_t).
+ * Each operator's inputs in order, X(enum id, name, dtype: 'f' float32, 'd' double = pbn_sum_t,
+ * 'w' double, or float32 that the CPU callbacks widen to double for the call: harnesses such as
+ * mx.test_utils.check_numeric_gradient cast every input to one dtype).
  * The enums, the dtypes, the names in messages and the contract the library reports to
  * pbn_gluon (pbn_operator_inputs, checked against pbn_gluon/op_contract.py at load) all come
  * from these lists. Mutated (auxiliary) inputs are inputs too. */
 #define PBN_NORM_INPUTS(X)                                                                    \
   X(kData, "data", 'f') X(kGamma, "gamma", 'f') X(kBeta, "beta", 'f')                        \
   X(kRunningMean, "running_mean", 'f') X(kRunningVar, "running_var", 'f')                    \
-  X(kGroupSums, "group_sums", 'd') X(kLocalWeight, "local_weight", 'f')                      \
-  X(kIsInference, "is_inference", 'f') X(kBatchSums, "batch_sums", 'd')
+  X(kGroupSums, "group_sums", 'w') X(kLocalWeight, "local_weight", 'f')                      \
+  X(kIsInference, "is_inference", 'f') X(kBatchSums, "batch_sums", 'w')
 #define PBN_NORM_OUTPUTS(X) X(kOut, "out", 'f') X(kMean, "mean", 'f') X(kInvStd, "invstd", 'f')
 #define PBN_SUMS_INPUTS(X) X(kSumsData, "data", 'f')
 #define PBN_SUMS_OUTPUTS(X) X(kSums, "sums", 'd')
