@@ -392,6 +392,8 @@ def classify(row):
 
 
 NO_LAYER = 'has no ProgressiveBatchNorm or SyncBatchNorm layer'
+#: convert_norm's refusal of a SymbolBlock (a fixed graph: GluonCV's SSD backbones)
+SYMBOL_BLOCK = 'is a SymbolBlock, a fixed graph'
 
 
 def _classify(row):
@@ -402,6 +404,8 @@ def _classify(row):
     others = [row.get(v, {}).get('status') for v in ('pbn', 'convert')]
     if bn == 'ok' and all(s == 'ok' for s in others):
         return 'ok'
+    if bn == 'ok' and others[0] == 'ok' and SYMBOL_BLOCK in row['convert'].get('reason', ''):
+        return 'symbol-block'   # PBN built with norm_layer= trains; convert_norm says to do so
     if bn != 'ok':
         return 'model' if bn in ('fail', 'crash') else 'timeout'
     return 'ours' if any(s in ('fail', 'crash') for s in others) else 'timeout'
@@ -409,6 +413,8 @@ def _classify(row):
 
 WHOSE = {'ok': 'pass all three', 'model': 'fail with BatchNorm too (the model\'s own)',
          'ours': 'fail with PBN only',
+         'symbol-block': 'train with PBN built with norm_layer= (convert_norm refuses their '
+                         'SymbolBlock backbone and says so)',
          'no-layer': 'keep no norm layer Block (norm_layer does not reach a layer that can be '
                      'swapped or synchronised)',
          'timeout': 'timed out', 'mkldnn': 'fail with BatchNorm too in MXNet\'s oneDNN (MKLDNN) '
