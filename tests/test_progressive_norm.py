@@ -23,6 +23,17 @@ def build(layer, ctxs, hybridize):
     return layer
 
 
+def batchnorm_result(x, dy):
+    """nn.BatchNorm (float32, one context) on batch `x`: y, dx, dgamma, dbeta."""
+    bn = build(gluon.nn.BatchNorm(in_channels=C), [mx.cpu()], False)
+    a = nd.array(x)
+    a.attach_grad()
+    with autograd.record():
+        y = bn(a)
+    y.backward(nd.array(dy))
+    return y.asnumpy(), a.grad.asnumpy(), bn.gamma.grad().asnumpy(), bn.beta.grad().asnumpy()
+
+
 def step(layer, xs, dys, ctxs, sync=None):
     """One training step of `layer` alone; returns outputs and input gradients per device."""
     inputs = [nd.array(x, ctx=c) for x, c in zip(xs, ctxs)]

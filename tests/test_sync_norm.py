@@ -7,7 +7,7 @@ from mxnet import autograd, gluon, nd
 
 import pbn_gluon
 import reference
-from test_progressive_norm import BETA, C, EPS, GAMMA, batches, build, step
+from test_progressive_norm import BETA, C, EPS, GAMMA, batches, batchnorm_result, build, step
 
 
 @pytest.mark.timeout(180)
@@ -71,17 +71,6 @@ def test_syncbn_without_statssync_fails_clearly(capfd):
     assert 'has no exchange: create pbn_gluon.StatsSync' in capfd.readouterr().out
 
 
-def _batchnorm_result(x, dy):
-    """nn.BatchNorm on the concatenated batch: y, dx, dgamma, dbeta."""
-    bn = build(gluon.nn.BatchNorm(in_channels=C), [mx.cpu()], False)
-    a = nd.array(x)
-    a.attach_grad()
-    with autograd.record():
-        y = bn(a)
-    y.backward(nd.array(dy))
-    return y.asnumpy(), a.grad.asnumpy(), bn.gamma.grad().asnumpy(), bn.beta.grad().asnumpy()
-
-
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize('mean,std', [(1e4, 1.0), (1e3, 0.1)])
 @pytest.mark.parametrize('devices', [1, 2, 4])
@@ -109,7 +98,7 @@ def test_syncbn_far_from_zero_within_batchnorm_error(devices, mean, std):
     got = (np.concatenate(ys), np.concatenate(dxs),
            sum(layer.gamma.grad(c).asnumpy().astype(np.float64) for c in ctxs),
            sum(layer.beta.grad(c).asnumpy().astype(np.float64) for c in ctxs))
-    bn = _batchnorm_result(x, dy)
+    bn = batchnorm_result(x, dy)
     for name, g, b, w in zip(('y', 'dx', 'dgamma', 'dbeta'), got, bn, want):
         err, bn_err, size = np.abs(g - w).max(), np.abs(b - w).max(), np.abs(w).max()
         bound = 1e-5 * size if devices > 1 else bn_err + 2 ** -22 * size
