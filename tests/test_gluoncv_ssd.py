@@ -13,6 +13,7 @@ import pytest
 from mxnet import autograd
 
 import pbn_gluon
+import reference
 
 NAME = 'ssd_300_mobilenet0.25_voc'      # the smallest SSD of the zoo
 SIZE = 128                              # input side: the anchors are cut to the feature maps
@@ -27,13 +28,11 @@ def get_ssd(**kwargs):
                                            **kwargs)
 
 
-def stem_sums(x, weight):
-    """[sum a, sum a^2, n] per channel of the first norm layer's input a: mobilenet's stem,
-    a 3x3 convolution of stride 2, padding 1, no bias (gluoncv.model_zoo.mobilenet)."""
-    a = mx.nd.Convolution(x, weight, kernel=(3, 3), stride=(2, 2), pad=(1, 1),
-                          num_filter=weight.shape[0], no_bias=True).asnumpy().astype(np.float64)
-    a = a.transpose(1, 0, 2, 3).reshape(weight.shape[0], -1)
-    return np.stack([a.sum(1), (a * a).sum(1), np.full(len(a), a.shape[1])])
+def stem_output(x, weight):
+    """The first norm layer's input: mobilenet's stem, a 3x3 convolution of stride 2, padding
+    1, no bias (gluoncv.model_zoo.mobilenet)."""
+    return mx.nd.Convolution(x, weight, kernel=(3, 3), stride=(2, 2), pad=(1, 1),
+                             num_filter=weight.shape[0], no_bias=True).asnumpy()
 
 
 def batch(step, ctx):
@@ -72,14 +71,14 @@ def test_ssd_trains_with_pbn_on_two_contexts():
             losses, _, _ = mbox_loss(cls_preds, box_preds, cls_t, box_t)
         autograd.backward(losses)
         # the weights this step read (initialized at its forward, updated by trainer.step)
-        sums = sum(stem_sums(x, stem.data(x.context)) for x in xs)
+        mean, square = reference.group_moments([stem_output(x, stem.data(x.context))
+                                                for x in xs])
         trainer.step(BATCH * len(ctxs))
         if step == 0:   # the state now lives in StatsSync's buffers: the graph is rebuilt
             assert net._cached_op is None
         assert all(np.isfinite(l.asnumpy()).all() for l in losses)
-        mean = sums[0] / sums[2]
         expected_mean = MOMENTUM * expected_mean + (1 - MOMENTUM) * mean
-        expected_var = MOMENTUM * expected_var + (1 - MOMENTUM) * (sums[1] / sums[2] - mean ** 2)
+        expected_var = MOMENTUM * expected_var + (1 - MOMENTUM) * (square - mean ** 2)
 
     first = layers[0]
     assert first.gamma.shape == (8,)
